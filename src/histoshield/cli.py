@@ -20,17 +20,305 @@ app.add_typer(data_app, name="data")
 
 # ---- data commands ------------------------------------------------------------------------
 
+_MAG_HELP = "Keep only this magnification (40, 100, 200, 400; repeatable)."
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: str = typer.Argument(..., help="Folder, manifest/split CSV, or 'synthetic'."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    magnification: list[str] = typer.Option([], "--magnification", "-m", help=_MAG_HELP),
+) -> None:
+    """Count images per class, subtype, magnification and patients; list problems."""
+    import json
+
+    from histoshield.data import format_inspection, inspect_imageset, load_imageset
+
+    info = inspect_imageset(load_imageset(path, magnifications=magnification, on_bad="report"))
+    typer.echo(json.dumps(info) if json_out else format_inspection(info))
+
+
+@data_app.command("split")
+def data_split(
+    path: str = typer.Argument(..., help="Folder, manifest CSV, or 'synthetic'."),
+    out: str = typer.Option(..., "--out", "-o", help="Split CSV to write."),
+    by: str = typer.Option("auto", "--by", help="patient | image | auto (patient when known)."),
+    val: float = typer.Option(0.1, "--val", help="Validation fraction."),
+    test: float = typer.Option(0.1, "--test", help="Test fraction."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    magnification: list[str] = typer.Option([], "--magnification", "-m", help=_MAG_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad files instead of stopping."),
+) -> None:
+    """Split into train/val/test (by patient by default) and print a Table-1-style summary."""
+    from histoshield.data import format_split_summary, load_imageset, make_split, write_split
+
+    ims = load_imageset(path, magnifications=magnification, on_bad="skip" if skip_bad else "raise")
+    split = make_split(ims, by=by, val=val, test=test, seed=seed)
+    write_split(out, split)
+    typer.echo(format_split_summary(split))
+    for p in split.problems:
+        typer.echo(f"warning: {p}", err=True)
+    typer.echo(f"wrote {out}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: str = typer.Option(..., "--out", "-o", help="New folder for the tiles."),
+    n: int = typer.Option(400, "--n", help="Number of tiles (half benign, half malignant)."),
+    size: int = typer.Option(96, "--size", help="Tile size in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+) -> None:
+    """Write synthetic H&E-like benign/malignant tiles and a manifest.csv."""
+    from histoshield.data import synthesize
+
+    ims = synthesize(out, n=n, size=size, seed=seed)
+    typer.echo(f"wrote {len(ims.records)} tiles of {size}px to {ims.root}")
+
 
 # ---- train / evaluate / predict -----------------------------------------------------------
+
+_RESUME_HELP = "Continue the run in RUN (or --out) from its last.pt, with its config.yaml."
+
+
+@app.command("train")
+def train_cmd(
+    run: str | None = typer.Argument(None, help="Run folder to continue (with --resume)."),
+    data: str | None = typer.Option(None, "--data", help="Folder, manifest CSV or 'synthetic'."),
+    split: str | None = typer.Option(None, "--split", help="A split.csv to train on."),
+    model: str | None = typer.Option(None, "--model", help="Model name (smallcnn, densenet121…)."),
+    weights: str | None = typer.Option(None, "--weights", help="none | imagenet | xrv | PATH."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Number of epochs."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="adam | adamw | sgd."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="none | cosine | step."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Side in pixels (>= 32)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for split, init, order, aug."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/MODEL-TIME)."),
+    config: str | None = typer.Option(None, "--config", help="YAML (flat or a `train:` section)."),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    defense: str | None = typer.Option(None, "--defense", help="e.g. gaussian:sigma=0.1."),
+    stain_norm: str | None = typer.Option(None, "--stain-norm", help="none|reinhard|macenko."),
+    early_stopping: int | None = typer.Option(None, "--early-stopping", help="Patience."),
+    skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
+    magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train a classifier; writes config, split, metrics.csv, accuracy.png, best/last.pt."""
+    import time
+
+    from histoshield.training import resolve_config, train
+
+    if run is not None and not resume:
+        raise HistoshieldError(f"unexpected argument {run!r}: did you mean --resume {run}?")
+    folder = run or out
+    if resume and folder is None:
+        raise HistoshieldError("--resume needs the run folder: histoshield train --resume RUN")
+    cfg = resolve_config(
+        config,
+        resume=folder if resume else None,
+        data=data, split=split, model=model, weights=weights, epochs=epochs,
+        batch_size=batch_size, lr=lr, optimizer=optimizer, scheduler=scheduler,
+        image_size=image_size, seed=seed, defense=defense, stain_norm=stain_norm,
+        early_stopping=early_stopping, skip_bad=skip_bad, magnification=magnification or None,
+        device=device,
+    )  # fmt: skip
+    if folder is None:
+        folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    hook = None
+    if cfg.defense:
+        from histoshield.defenses import create as create_defense
+
+        hook = create_defense(cfg.defense)
+    res = train(cfg, folder, resume=resume, defense=hook, progress=not quiet)
+    if res:  # only rank 0 returns results
+        t = res["test"]
+        acc = "n/a" if t["accuracy"] is None else f"{t['accuracy']:.4f}"
+        bal = "n/a" if t["balanced_accuracy"] is None else f"{t['balanced_accuracy']:.4f}"
+        typer.echo(
+            f"run {folder}: best epoch {res['best_epoch']}/{res['epochs_run']}, test accuracy "
+            f"{acc} (balanced {bal}, n={t['n']}); {res['train_seconds']:.1f} s training"
+        )
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt."),
+    data: str | None = typer.Option(None, "--data", help="Data set or split CSV to evaluate."),
+    split: str | None = typer.Option(None, "--split", help="split.csv (default: the run's)."),
+    subset: str = typer.Option("test", "--subset", help="train | val | test | all."),
+    only: str | None = typer.Option(None, "--only", help="Only images of this class."),
+    purify: str | None = typer.Option(None, "--purify", help="e.g. jpeg:quality=75."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Accuracy (Wilson CI), TP/TN/FP/FN, sensitivity, specificity, AUC, patient accuracy."""
+    import json
+
+    from histoshield.evaluation.predict import evaluate_checkpoint, format_metrics
+    from histoshield.runtime import _json_safe
+
+    m = evaluate_checkpoint(
+        checkpoint, data=data, split=split, subset=subset, only=only, purify=purify, device=device
+    )
+    typer.echo(json.dumps(_json_safe(m)) if json_out else format_metrics(m))
+
+
+@app.command("predict")
+def predict_cmd(
+    images: list[str] = typer.Argument(..., help="Image files."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON list."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Predicted class and its probability for each image."""
+    import json
+
+    from histoshield.evaluation.predict import predict_images
+
+    res = predict_images(images, checkpoint, device=device)
+    if json_out:
+        typer.echo(json.dumps(res))
+    else:
+        for r in res:
+            typer.echo(f"{r['image']}\t{r['class']}\t{r['probability']:.4f}")
 
 
 # ---- attack -------------------------------------------------------------------------------
 
 
+@app.command("attack")
+def attack_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Model to attack (best.pt)."),
+    data: str | None = typer.Option(None, "--data", help="Data set or split CSV."),
+    split: str | None = typer.Option(None, "--split", help="split.csv (default: the run's)."),
+    subset: str = typer.Option("test", "--subset", help="train | val | test | all."),
+    attack: str = typer.Option("fgsm", "--attack", "-a", help="fgsm, pgd, autoattack-binary…"),
+    eps: str = typer.Option("0,1/255,2/255,4/255,8/255", "--eps", help="Pixel units: 8/255,…"),
+    steps: int | None = typer.Option(None, "--steps", help="Iterations (iterative attacks)."),
+    alpha: str | None = typer.Option(None, "--alpha", help="Step size, e.g. 1/255."),
+    restarts: int | None = typer.Option(None, "--restarts", help="Random restarts."),
+    max_queries: int | None = typer.Option(None, "--max-queries", help="Square's budget."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random starts and noise."),
+    only: str | None = typer.Option(None, "--only", help="Attack only this class."),
+    target: str | None = typer.Option(None, "--target", help="Targeted attack to this class."),
+    transfer_to: str | None = typer.Option(None, "--transfer-to", help="Score on OTHER.ckpt."),
+    save_examples: str | None = typer.Option(None, "--save-examples", help="PNG folder."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/attack-…)."),
+    purify: str | None = typer.Option(None, "--purify", help="e.g. jpeg:quality=75."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per attack batch."),
+    limit: int | None = typer.Option(None, "--limit", help="Attack at most N images."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Accuracy under attack per eps (Wilson CI), success rate, L∞/L2, PSNR/SSIM, self-checks."""
+    from histoshield.attacks import parse_eps
+    from histoshield.evaluation.robustness import attack_checkpoint, format_rows, rows_json
+
+    params = {"steps": steps, "restarts": restarts, "max_queries": max_queries}
+    if alpha is not None:
+        params["alpha"] = parse_eps(alpha)[0]
+    res = attack_checkpoint(
+        checkpoint,
+        attack=attack,
+        eps=eps,
+        data=data,
+        split=split,
+        subset=subset,
+        params={k: v for k, v in params.items() if v is not None},
+        only=only,
+        target=target,
+        transfer_to=transfer_to,
+        purify=purify,
+        save_examples=save_examples,
+        out=out,
+        batch_size=batch_size,
+        limit=limit,
+        seed=seed,
+        device=device,
+        progress=not json_out,
+    )
+    if json_out:
+        typer.echo(rows_json(res["results"]))
+        for c in res["sanity"]:
+            if not c["passed"]:
+                typer.echo(f"warning: {c['detail']}", err=True)
+    else:
+        typer.echo(format_rows(res["results"], res["sanity"]))
+        typer.echo(f"results: {res['out']}/results.json")
+
+
 # ---- certify ------------------------------------------------------------------------------
 
 
+@app.command("certify")
+def certify_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Base classifier (best.pt)."),
+    sigma: float = typer.Option(0.25, "--sigma", help="Noise std in [0,1] pixel units."),
+    n0: int = typer.Option(100, "--n0", help="Samples to pick the top class."),
+    n: int = typer.Option(10_000, "--n", help="Samples to bound its probability."),
+    alpha: float = typer.Option(0.001, "--alpha", help="Failure probability of each bound."),
+    batch: int = typer.Option(256, "--batch", help="Noisy copies per forward pass."),
+    data: str | None = typer.Option(None, "--data", help="Data set (split with the run's seed)."),
+    split: str | None = typer.Option(None, "--split", help="split.csv (default: the run's)."),
+    subset: str = typer.Option("test", "--subset", help="train | val | test."),
+    limit: int | None = typer.Option(None, "--limit", help="Certify at most N images."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the noise."),
+    out: str | None = typer.Option(None, "--out", help="Folder for certify.json/csv/png."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Randomized smoothing (Cohen et al. 2019): certified L2 radius per image and the curve."""
+    import json
+
+    from histoshield.evaluation.certify import certify_checkpoint, format_certify
+
+    res = certify_checkpoint(
+        checkpoint,
+        sigma=sigma,
+        data=data,
+        split=split,
+        subset=subset,
+        limit=limit,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        batch=batch,
+        seed=seed,
+        device=device,
+        out=out,
+        progress=not json_out,
+    )
+    if json_out:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        typer.echo(format_certify(res))
+
+
 # ---- study --------------------------------------------------------------------------------
+
+
+@app.command("study")
+def study(
+    config: str = typer.Option(
+        None, "--config", "-c", help="Study YAML, or a shipped preset: default, cpu, paper."
+    ),
+    data: str = typer.Option(None, "--data", help="Override the config's data path."),
+    out: str = typer.Option("runs/study", "--out", help="Run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the folder again."),
+    seed: int = typer.Option(None, "--seed", help="Override the config's seed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+) -> None:
+    """The paper's protocol end to end: split, train, attack, defend, certify, report."""
+    from histoshield.study import load_study_config, run_study
+
+    cfg = load_study_config(config, data=data, seed=seed)
+    run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet,
+              echo=None if quiet else typer.echo)
+    if quiet:
+        typer.echo(f"report: {out}/report.html")
 
 
 def main() -> None:

@@ -98,3 +98,77 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (what goes into a run folder's config.yaml)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- study ----------------------------------------------------------------------------------
+
+
+def parse_eps_value(v: Any) -> float:
+    """One eps in pixel units from a number or a string such as '2/255' or '0.0078'."""
+    if isinstance(v, bool):
+        raise ValueError(f"eps must be a number or 'a/b', got {v!r}")
+    if isinstance(v, (int, float)):
+        f = float(v)
+    else:
+        s = str(v).strip()
+        try:
+            if "/" in s:
+                num, den = s.split("/", 1)
+                f = float(num) / float(den)
+            else:
+                f = float(s)
+        except (ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"eps {v!r} is not a number or 'a/b' such as '2/255'") from e
+    if not f >= 0 or f > 1:
+        raise ValueError(f"eps {v!r} must lie in [0, 1] (pixel units)")
+    return f
+
+
+class CertifyConfig(Strict):
+    """Randomized-smoothing certification of the gaussian model (Cohen et al. 2019)."""
+
+    enabled: bool = True
+    sigma: float | None = Field(None, gt=0)  # None → the study's gaussian_sigma
+    n0: int = Field(100, ge=1)
+    n: int = Field(1000, ge=1)
+    alpha: float = Field(0.001, gt=0, lt=1)
+    batch: int = Field(256, ge=1)
+    limit: int | None = Field(100, ge=1)  # at most this many test images (None = all)
+
+
+class StudyConfig(Strict):
+    """The paper's protocol end to end (`histoshield study`); `configs/*.yaml` hold presets."""
+
+    name: str = "study"
+    seed: int = 0
+    data: str = "synthetic"
+    split_by: Literal["auto", "patient", "image"] = "auto"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    gaussian_sigma: float = Field(0.1, gt=0, le=1)
+    table3_attack: str = "fgsm"
+    table3_eps: float = 2 / 255
+    only: str | None = "malignant"
+    curve_eps: list[float] = Field(default_factory=lambda: [e / 255 for e in (0, 0.5, 1, 2, 4, 8)])
+    curve_attacks: list[str] = Field(
+        default_factory=lambda: ["fgsm", "pgd:steps=10,restarts=1"], min_length=1
+    )
+    extra_attacks: list[str] = Field(default_factory=list)
+    extra_defenses: list[str] = Field(default_factory=list)
+    transfer: bool = True
+    certify: CertifyConfig = Field(default_factory=CertifyConfig)
+    sanity: bool = True
+    batch_size: int = Field(64, ge=1)  # evaluation / attack batch
+
+    @field_validator("table3_eps", mode="before")
+    @classmethod
+    def _one_eps(cls, v: Any) -> Any:
+        return parse_eps_value(v)
+
+    @field_validator("curve_eps", mode="before")
+    @classmethod
+    def _eps_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s for s in v.split(",") if s.strip()]
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError("curve_eps must be a non-empty list such as [0, 1/255, 2/255]")
+        return sorted({parse_eps_value(e) for e in v})

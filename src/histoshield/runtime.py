@@ -109,10 +109,21 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         "argv": sys.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    for mod in ("torchvision", "timm", "torchxrayvision", "torchattacks", "sklearn", "PIL"):
+    # Installed-package metadata, not imports: importing these costs seconds per run.
+    from importlib.metadata import PackageNotFoundError, version
+
+    dists = {
+        "torchvision": "torchvision",
+        "timm": "timm",
+        "torchxrayvision": "torchxrayvision",
+        "torchattacks": "torchattacks",
+        "sklearn": "scikit-learn",
+        "PIL": "pillow",
+    }
+    for mod, dist in dists.items():
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # optional packages: record absence, never fail a run over it
+            info[mod] = version(dist)
+        except PackageNotFoundError:  # optional packages: record absence, never fail a run
             info[mod] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -1,0 +1,103 @@
+"""Adversarial attacks on models that take RGB (N,3,H,W) in [0,1] and return logits.
+
+`run(name, model, images, labels, **params) -> adv_images` is the one entry point; `create`
+builds the attack object behind it. eps is in pixel units (parse '8/255' with `parse_eps`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from histoshield.attacks.apgd import APGDCE, APGDMargin
+from histoshield.attacks.autoattack import AutoAttackBinary
+from histoshield.attacks.base import Attack, parse_eps, resolve_class
+from histoshield.attacks.bim import BIM
+from histoshield.attacks.cw import CWL2
+from histoshield.attacks.deepfool import DeepFool
+from histoshield.attacks.fab import FAB
+from histoshield.attacks.fgsm import FGSM
+from histoshield.attacks.mifgsm import MIFGSM
+from histoshield.attacks.pgd import PGD
+from histoshield.attacks.pgd_l2 import PGDL2
+from histoshield.attacks.square import Square
+from histoshield.errors import HistoshieldError
+
+REGISTRY: dict[str, type[Attack]] = {
+    cls.name: cls
+    for cls in (
+        FGSM,
+        BIM,
+        PGD,
+        PGDL2,
+        MIFGSM,
+        DeepFool,
+        CWL2,
+        APGDCE,
+        APGDMargin,
+        FAB,
+        Square,
+        AutoAttackBinary,
+    )
+}
+
+__all__ = ["Attack", "available", "create", "parse_eps", "resolve_class", "run", "REGISTRY"]
+
+
+def available() -> list[str]:
+    """Names accepted by `create` / `run`."""
+    return list(REGISTRY)
+
+
+def accepted_params(name: str) -> list[str]:
+    """Keyword parameters an attack accepts (its own plus the common ones)."""
+    cls = _lookup(name)
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.kind == p.KEYWORD_ONLY and p.name not in names:
+                    names.append(p.name)
+    return names
+
+
+def _lookup(name: str) -> type[Attack]:
+    key = name.strip().lower().replace("_", "-")
+    if key not in REGISTRY:
+        raise HistoshieldError(f"unknown attack {name!r}: choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[key]
+
+
+def create(name: str, model: nn.Module, **params: Any) -> Attack:
+    """Build attack `name` on `model`; unknown parameters or bad values raise HistoshieldError."""
+    cls = _lookup(name)
+    params = {k: v for k, v in params.items() if v is not None}
+    ok = accepted_params(name)
+    bad = [k for k in params if k not in ok]
+    if bad:
+        raise HistoshieldError(
+            f"attack {cls.name!r} does not take {', '.join(bad)}: it accepts {', '.join(ok)}"
+        )
+    if not cls.supports_targeted and params.get("target") is not None:
+        n_classes = len(params.get("classes") or getattr(model, "classes", None) or [])
+        if n_classes != 2:
+            raise HistoshieldError(
+                f"attack {cls.name!r} is untargeted; use fgsm, bim, pgd, pgd-l2, mifgsm, "
+                "deepfool, cw-l2 or square for --target"
+            )
+    # With 2 classes an untargeted attack is the targeted one, so those pass through; the base
+    # class still rejects images whose label equals the target.
+    try:
+        return cls(model, **params)
+    except ValueError as e:
+        raise HistoshieldError(f"attack {cls.name!r}: {e}") from None
+
+
+def run(
+    name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **params: Any
+) -> torch.Tensor:
+    """Craft adversarial examples: `create(name, model, **params)(images, labels)`."""
+    return create(name, model, **params)(images, labels)

@@ -1,0 +1,252 @@
+"""The shared mechanics of every attack: eval mode, targeting, eps-ball projection, clipping,
+seeding, batching and EOT-averaged input gradients."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoshield.errors import HistoshieldError
+
+
+def parse_eps(text: str | float | Sequence[float | str]) -> list[float]:
+    """Parse '0,1/255,2/255,0.0314' (or a number or a list) into eps values in pixel units."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        parts: list[Any] = [text]
+    elif isinstance(text, str):
+        parts = [p.strip() for p in text.split(",")]
+    else:
+        parts = list(text)
+    out: list[float] = []
+    for p in parts:
+        try:
+            value = float(Fraction(str(p).strip())) if str(p).strip() else math.nan
+        except (ValueError, ZeroDivisionError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise HistoshieldError(
+                f"bad eps {p!r} in {text!r}: give numbers or fractions like 0,1/255,8/255,0.0314"
+            )
+        if value < 0:
+            raise HistoshieldError(f"eps must be >= 0, got {p!r}: use e.g. 0,1/255,8/255")
+        out.append(value)
+    if not out:
+        raise HistoshieldError("no eps given: use e.g. --eps 0,1/255,8/255")
+    return out
+
+
+def resolve_class(value: int | str, classes: Sequence[str] | None, what: str = "target") -> int:
+    """Turn a class index or name into an index, with a clear error for unknown classes."""
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        if classes is None or value not in list(classes):
+            known = ", ".join(classes) if classes else "unknown (model has no class names)"
+            raise HistoshieldError(f"unknown {what} class {value!r}: choose one of {known}")
+        return list(classes).index(value)
+    index = int(value)
+    if index < 0 or (classes is not None and index >= len(classes)):
+        n = len(classes) if classes is not None else "?"
+        raise HistoshieldError(f"{what} class index {index} is out of range for {n} classes")
+    return index
+
+
+def check_steps(steps: int, name: str = "steps") -> int:
+    """Steps/iterations must be a positive integer."""
+    if int(steps) != steps or steps < 1:
+        raise HistoshieldError(f"{name} must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+class Attack:
+    """Base attack: subclasses implement `perturb(x, y, t)` for one batch on the model's device.
+
+    `y` holds true labels, `t` the target labels (None for untargeted). The base class puts the
+    model in eval mode (restored afterwards), never touches the caller's tensors, splits into
+    batches, draws all randomness from `self.generator` (seeded per call, so a seed gives the same
+    result), and projects the output into the eps-ball and [0,1] as a last guard.
+    """
+
+    name = "attack"
+    norm: str | None = "linf"  # geometry of eps: "linf", "l2", or None (no eps)
+    gradient_based = True
+    supports_targeted = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float | None = 8 / 255,
+        target: int | str | None = None,
+        classes: Sequence[str] | None = None,
+        seed: int = 0,
+        eot: int | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.model = model
+        if eps is not None:
+            eps = float(eps)
+            if not math.isfinite(eps) or eps < 0:
+                raise HistoshieldError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.eps = eps
+        self.classes = list(classes) if classes is not None else getattr(model, "classes", None)
+        self.target = None if target is None else resolve_class(target, self.classes)
+        self.seed = int(seed)
+        self.eot = check_steps(eot if eot is not None else getattr(model, "default_eot", 1), "eot")
+        self.batch_size = batch_size
+        self.generator: torch.Generator | None = None
+        self.queries: torch.Tensor | None = None  # model queries per image (black-box attacks)
+        self.grad_stats = {"n": 0, "zero": 0, "nan": 0}
+
+    # ---- public -------------------------------------------------------------------------
+    @property
+    def targeted(self) -> bool:
+        """True when the attack pushes images towards `target` rather than away from the label."""
+        return self.target is not None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return adversarial images for `images` (N,3,H,W in [0,1]) with true `labels` (N,)."""
+        x, y = self._check_inputs(images, labels)
+        t = None
+        if self.target is not None:
+            if bool((y == self.target).any()):
+                raise HistoshieldError(
+                    f"target class {self._class_name(self.target)} equals the true label of "
+                    f"{int((y == self.target).sum())} image(s): attack only other classes "
+                    "(e.g. --only) or pick another target"
+                )
+            t = torch.full_like(y, self.target)
+        was_training = self.model.training
+        self.model.eval()
+        self.grad_stats = {"n": 0, "zero": 0, "nan": 0}
+        queries = []
+        try:
+            device = _device_of(self.model, x)
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+            out = []
+            bs = self.batch_size or len(x)
+            for i in range(0, len(x), bs):
+                xb = x[i : i + bs].to(device)
+                yb = y[i : i + bs].to(device)
+                tb = None if t is None else t[i : i + bs].to(device)
+                self.queries = None
+                adv = self.perturb(xb, yb, tb)
+                out.append(self.project(xb, adv.detach()).to(images.device))
+                if self.queries is not None:
+                    queries.append(self.queries.detach().cpu())
+        finally:
+            self.model.train(was_training)
+        self.queries = torch.cat(queries) if queries else None
+        return torch.cat(out) if out else x.clone()
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """Attack one batch; implemented by each attack."""
+        raise NotImplementedError
+
+    # ---- helpers for subclasses -----------------------------------------------------------
+    def project(self, x: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        """Project `adv` into the eps-ball around `x` (in the attack's norm) and into [0,1]."""
+        if self.eps is not None and self.norm == "linf":
+            adv = torch.min(torch.max(adv, x - self.eps), x + self.eps)
+        elif self.eps is not None and self.norm == "l2":
+            delta = adv - x
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+            factor = (self.eps / norms).clamp(max=1.0).view(-1, 1, 1, 1)
+            adv = x + delta * factor
+        return adv.clamp(0.0, 1.0)
+
+    def objective(self, logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None):
+        """Per-image loss the attack ascends: CE to the label, or minus CE to the target."""
+        if t is None:
+            return F.cross_entropy(logits, y, reduction="none")
+        return -F.cross_entropy(logits, t, reduction="none")
+
+    def input_grad(
+        self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, loss_fn=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """EOT-averaged gradient of the summed objective w.r.t. the input only, and the logits.
+
+        Summed (not mean) loss keeps each image's gradient independent of the batch size;
+        `autograd.grad` on the input alone never accumulates parameter gradients.
+        """
+        loss_fn = loss_fn or self.objective
+        x = x.detach().requires_grad_(True)
+        grad = None
+        logits = None
+        for _ in range(self.eot):
+            logits = self.model(x)
+            g = torch.autograd.grad(loss_fn(logits, y, t).sum(), x)[0]
+            grad = g if grad is None else grad + g
+        if self.eot > 1:
+            grad = grad / self.eot
+        return grad, logits.detach()
+
+    def record_grad(self, grad: torch.Tensor) -> None:
+        """Count images whose input gradient is all zero or has NaNs (gradient-masking signs)."""
+        flat = grad.detach().flatten(1)
+        self.grad_stats["n"] += len(flat)
+        self.grad_stats["nan"] += int(torch.isnan(flat).any(dim=1).sum())
+        self.grad_stats["zero"] += int((flat.abs().amax(dim=1) == 0).sum())
+
+    def rand_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform [0,1) noise from the attack's seeded generator."""
+        return torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise from the attack's seeded generator."""
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+    def num_classes(self, x: torch.Tensor) -> int:
+        """Number of model outputs (from `classes` when known, else one forward pass)."""
+        if self.classes is not None:
+            return len(self.classes)
+        with torch.no_grad():
+            return int(self.model(x[:1]).shape[1])
+
+    def library_seed(self) -> int:
+        """A seed for library attacks that reseed torch's global RNG (we fork it around them)."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
+
+    # ---- internals ------------------------------------------------------------------------
+    def _class_name(self, index: int) -> str:
+        if self.classes is not None and 0 <= index < len(self.classes):
+            return f"{self.classes[index]!r}"
+        return str(index)
+
+    def _check_inputs(self, images: torch.Tensor, labels: torch.Tensor):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise HistoshieldError(f"attack input must be an RGB batch (N,3,H,W), got {shape}")
+        if not images.is_floating_point():
+            raise HistoshieldError("attack input must be float in [0,1]: convert with to_float")
+        if images.numel() and (images.min() < 0 or images.max() > 1):
+            raise HistoshieldError("attack input must lie in [0,1]: convert with to_float")
+        labels = torch.as_tensor(labels, device=images.device).long().reshape(-1)
+        if len(labels) != len(images):
+            raise HistoshieldError(f"{len(images)} images but {len(labels)} labels")
+        return images.detach().clone(), labels.clone()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps}, target={self.target}, seed={self.seed})"
+
+
+def _device_of(model: nn.Module, x: torch.Tensor) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return x.device
+
+
+class LibraryAttack(Attack):
+    """Base for attacks delegated to torchattacks: forks torch's RNG so their global reseeding
+    neither leaks out nor depends on what ran before."""
+
+    def run_library(self, atk, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Run a torchattacks attack deterministically on one batch."""
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.library_seed())
+            return atk(x, labels).detach()

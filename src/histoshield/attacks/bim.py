@@ -1,0 +1,16 @@
+"""BIM / I-FGSM — Kurakin, Goodfellow & Bengio, "Adversarial Examples in the Physical World",
+ICLR workshop 2017.
+
+x_0 = x;  x_{k+1} = clip_{x,eps}(x_k + alpha · sign(∇x J(θ, x_k, y))) — PGD without random start.
+"""
+
+from __future__ import annotations
+
+from histoshield.attacks.pgd import PGD
+
+
+class BIM(PGD):
+    """Basic Iterative Method: iterated FGSM from the clean image, clipped to the eps-ball."""
+
+    name = "bim"
+    default_random_start = False

@@ -1,0 +1,44 @@
+"""FAB — Croce & Hein, "Minimally distorted Adversarial Examples with a Fast Adaptive Boundary
+Attack", ICML 2020.
+
+Each step projects onto the linearised decision boundary of the closest class, biased back
+towards the clean image (x_{k+1} = (1-β)(x_k + η δ_k) + β(x + η δ_orig)), keeping the smallest
+successful perturbation; the result is projected into the L∞ eps-ball. Delegated to
+torchattacks.FAB (L∞, untargeted; checked on 2-class models in tests/attacks). For 2 classes
+the untargeted attack is the targeted one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from histoshield.attacks.base import LibraryAttack, check_steps
+
+
+class FAB(LibraryAttack):
+    """Fast Adaptive Boundary attack (L∞, via torchattacks)."""
+
+    name = "fab"
+    supports_targeted = False
+
+    def __init__(
+        self, model, *, eps: float = 8 / 255, steps: int = 10, restarts: int = 1, **common
+    ) -> None:
+        super().__init__(model, eps=eps, **common)
+        self.steps = check_steps(steps)
+        self.restarts = check_steps(restarts, "restarts")
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """Run torchattacks.FAB on the batch."""
+        import torchattacks
+
+        atk = torchattacks.FAB(
+            self.model,
+            norm="Linf",
+            eps=self.eps,
+            steps=self.steps,
+            n_restarts=self.restarts,
+            seed=self.library_seed(),
+            n_classes=self.num_classes(x),
+        )
+        return self.run_library(atk, x, y)

@@ -1,0 +1,25 @@
+"""FGSM — Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015.
+
+Untargeted: x_adv = clip(x + eps · sign(∇x J(θ, x, y)), 0, 1)   (the paper's formula)
+Targeted:   x_adv = clip(x - eps · sign(∇x J(θ, x, t)), 0, 1)
+Cost: one forward and one input-backward pass per image (times `eot`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from histoshield.attacks.base import Attack
+
+
+class FGSM(Attack):
+    """Fast Gradient Sign Method (single step, L∞)."""
+
+    name = "fgsm"
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """One signed-gradient step of size eps."""
+        grad, _ = self.input_grad(x, y, t)
+        self.record_grad(grad)
+        # The targeted objective is -J(x, t), so ascending it is the paper's "minus" step.
+        return (x + self.eps * grad.sign()).clamp_(0.0, 1.0)

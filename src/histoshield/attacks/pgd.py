@@ -1,0 +1,76 @@
+"""PGD (L∞) — Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks",
+ICLR 2018.
+
+x_0 = x + U(-eps, eps) (random start, optional);
+x_{k+1} = Π_{B∞(x, eps) ∩ [0,1]} (x_k + alpha · sign(∇x J(θ, x_k, y)))   (targeted: J → -J(t)).
+With `restarts` > 1 each image keeps its worst case (highest loss) over the restarts.
+Cost: `steps` forward+backward passes per restart, plus one forward per restart when restarts > 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from histoshield.attacks.base import Attack, check_steps
+
+
+class PGD(Attack):
+    """Projected gradient descent in the L∞ ball."""
+
+    name = "pgd"
+    default_random_start = True
+
+    def __init__(
+        self,
+        model,
+        *,
+        eps: float = 8 / 255,
+        steps: int = 10,
+        alpha: float | None = None,
+        restarts: int = 1,
+        random_start: bool | None = None,
+        **common,
+    ) -> None:
+        super().__init__(model, eps=eps, **common)
+        self.steps = check_steps(steps)
+        self.restarts = check_steps(restarts, "restarts")
+        # 2.5·eps/steps (Madry et al.) lets the walk reach the boundary from any start.
+        self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / self.steps
+        if self.alpha < 0:
+            from histoshield.errors import HistoshieldError
+
+            raise HistoshieldError(f"alpha must be >= 0, got {alpha!r}")
+        self.random_start = self.default_random_start if random_start is None else random_start
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """Starting point: x itself, or uniform noise in the eps-ball."""
+        if not self.random_start:
+            return x.clone()
+        return (x + (2 * self.rand_like(x) - 1) * self.eps).clamp_(0.0, 1.0)
+
+    def step(self, adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Signed step, then projection into the L∞ ball and [0,1]."""
+        adv = adv + self.alpha * grad.sign()
+        return torch.min(torch.max(adv, x - self.eps), x + self.eps).clamp_(0.0, 1.0)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """Run `restarts` walks of `steps` steps; keep the highest-loss result per image."""
+        best, best_loss = None, None
+        for r in range(self.restarts):
+            adv = self.start(x)
+            for k in range(self.steps):
+                grad, _ = self.input_grad(adv, y, t)
+                if k == 0 and r == 0:
+                    self.record_grad(grad)
+                adv = self.step(adv, grad, x)
+            if self.restarts == 1:
+                return adv
+            with torch.no_grad():
+                loss = self.objective(self.model(adv), y, t)
+            if best is None:
+                best, best_loss = adv, loss
+            else:
+                better = loss > best_loss
+                best = torch.where(better.view(-1, 1, 1, 1), adv, best)
+                best_loss = torch.where(better, loss, best_loss)
+        return best

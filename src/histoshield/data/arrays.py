@@ -1,0 +1,112 @@
+"""Decoded pixel arrays: decode and resize once, cache as .npy, convert to float tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from histoshield.data.images import read_rgb
+from histoshield.data.records import Record
+from histoshield.errors import HistoshieldError
+from histoshield.runtime import atomic_write
+
+_CACHE_VERSION = "1"  # bump when decoding/resizing changes so stale arrays are not reused
+
+
+def cache_root() -> Path:
+    """`$HISTOSHIELD_CACHE`, default `~/.cache/histoshield`."""
+    env = os.environ.get("HISTOSHIELD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "histoshield"
+
+
+def _cache_key(records: Sequence[Record], size: int) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|{size}".encode())
+    for r in records:
+        try:
+            st = r.path.stat()
+        except OSError:
+            raise HistoshieldError(
+                f"{r.path}: image file disappeared; re-run `histoshield data inspect`"
+            ) from None
+        h.update(f"|{r.path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def load_arrays(
+    records: Sequence[Record],
+    size: int,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """uint8 (N,size,size,3): every image decoded to RGB and resized (bicubic, antialiased).
+
+    The result is cached on disk keyed by (paths, sizes, mtimes, size) so later runs skip decoding.
+    """
+    if size < 1:
+        raise HistoshieldError(f"image size must be positive, got {size}")
+    if not records:
+        return np.zeros((0, size, size, 3), np.uint8)
+    folder = Path(cache_dir).expanduser() if cache_dir else cache_root() / "arrays"
+    file = folder / f"{_cache_key(records, size)}.npy"
+    if file.is_file():
+        try:
+            arr = np.load(file, allow_pickle=False)
+            if arr.shape == (len(records), size, size, 3) and arr.dtype == np.uint8:
+                return arr
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    arr = np.empty((len(records), size, size, 3), np.uint8)
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        it = ex.map(lambda r: read_rgb(r.path, size), records)
+        bar = tqdm(
+            it,
+            total=len(records),
+            desc=f"decoding {len(records)} images at {size}px",
+            disable=not progress,
+            leave=False,
+        )
+        for i, a in enumerate(bar):
+            arr[i] = a
+
+    def _save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+
+    try:
+        atomic_write(file, _save)
+    except OSError:
+        pass  # a read-only or full cache only costs speed, never correctness
+    return arr
+
+
+def to_float(arr: np.ndarray) -> torch.Tensor:
+    """uint8 (N,H,W,3) → float32 tensor (N,3,H,W) in [0,1]."""
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise HistoshieldError(f"expected images shaped (N,H,W,3), got {tuple(arr.shape)}")
+    return (
+        torch.from_numpy(np.ascontiguousarray(arr))
+        .permute(0, 3, 1, 2)
+        .float()
+        .div_(255.0)
+        .contiguous()
+    )
+
+
+def labels_of(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
+    """int64 label indices of `records` in `classes` (an unknown label is an error)."""
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        return np.array([index[r.label] for r in records], dtype=np.int64)
+    except KeyError as e:
+        raise HistoshieldError(
+            f"label {e.args[0]!r} is not one of the model's classes {list(classes)}"
+        ) from None

@@ -1,0 +1,42 @@
+"""Fast adversarial training: FGSM with random start (Wong, Rice & Kolter 2020, "Fast is
+better than free: revisiting adversarial training").
+
+δ ~ U(-ε, ε); δ ← clip_ε(δ + α·sign(∇δ CE(f(x + δ), y))) with α = 1.25·ε; train on x + δ.
+Single-step training can collapse ("catastrophic overfitting": FGSM accuracy soars while PGD
+accuracy drops to ~0), so `stop_on_robust_collapse` asks the training loop to watch PGD
+robust accuracy on the validation set (`perturb_val`) and stop when it collapses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoshield.defenses.base import TrainingDefense, eps_rule, positive
+from histoshield.defenses.spec import Param
+
+
+class FGSMRandomStart(TrainingDefense):
+    """FGSM-RS fast adversarial training with the catastrophic-overfitting guard."""
+
+    name = "fgsm-rs"
+    schema = {
+        "eps": Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True),
+        "alpha": Param(float, None, positive, "> 0", fraction=True),
+        "seed": Param(int),
+    }
+    adversarial = True
+    stop_on_robust_collapse = True
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params)
+        if self.params["alpha"] is None:
+            self.params["alpha"] = 1.25 * self.params["eps"]
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """Cross-entropy on one random-start FGSM step; logits are those of the examples."""
+        # one PGD step from a uniform random start is exactly FGSM-RS
+        x_adv = self._pgd(model, x, y, steps=1, alpha=self.params["alpha"])
+        logits = model(x_adv)
+        return F.cross_entropy(logits.float(), y), logits

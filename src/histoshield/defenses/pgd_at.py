@@ -1,0 +1,44 @@
+"""PGD adversarial training (Madry et al. 2018, "Towards Deep Learning Models Resistant to
+Adversarial Attacks").
+
+min_θ E max_{‖δ‖∞ ≤ ε} CE(f_θ(x + δ), y): each batch is replaced by L∞ PGD examples
+(uniform random start, `steps` steps of size α = 2.5·ε/steps unless given).
+
+BatchNorm: examples are crafted with the model in eval mode (the attack base switches and
+restores it), so crafting does not update running statistics; the model then trains on x_adv
+in train mode. The returned logits are those of x_adv (training accuracy is robust accuracy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoshield.defenses.base import TrainingDefense, eps_rule, positive
+from histoshield.defenses.spec import Param
+
+
+class PGDAdversarialTraining(TrainingDefense):
+    """Madry PGD-AT: train on PGD examples inside the ε ball."""
+
+    name = "pgd-at"
+    schema = {
+        "eps": Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True),
+        "steps": Param(int, 7, positive, ">= 1"),
+        "alpha": Param(float, None, positive, "> 0", fraction=True),
+        "seed": Param(int),
+    }
+    adversarial = True
+    stop_on_robust_collapse = False
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params)
+        if self.params["alpha"] is None:
+            self.params["alpha"] = 2.5 * self.params["eps"] / self.params["steps"]
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """Cross-entropy on PGD examples of the batch; logits are those of the examples."""
+        x_adv = self._pgd(model, x, y, steps=self.params["steps"], alpha=self.params["alpha"])
+        logits = model(x_adv)
+        return F.cross_entropy(logits.float(), y), logits

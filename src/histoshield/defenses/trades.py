@@ -1,0 +1,72 @@
+"""TRADES (Zhang et al. 2019, "Theoretically Principled Trade-off between Robustness and
+Accuracy").
+
+loss = CE(f(x), y) + β · KL(p(x) ‖ p(x_adv)), x_adv = argmax_{‖x'−x‖∞ ≤ ε} KL(p(x) ‖ p(x')),
+found by `steps` signed-gradient steps of size α (2.5·ε/steps unless given) from
+x + 0.001·N(0, I), as in the authors' code. The inner maximisation has its own objective (KL to
+the clean prediction, no labels), so it is written here rather than taken from `attacks`.
+
+BatchNorm: x_adv is crafted with the model in eval mode (restored afterwards); both forward
+passes of the loss run in train mode. The returned logits are those of the clean batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoshield.defenses.base import TrainingDefense, eps_rule, positive
+from histoshield.defenses.spec import Param
+
+
+class TRADES(TrainingDefense):
+    """TRADES: clean cross-entropy plus β times the KL between clean and adversarial outputs."""
+
+    name = "trades"
+    schema = {
+        "eps": Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True),
+        "beta": Param(float, 6.0, lambda v: v >= 0, ">= 0"),
+        "steps": Param(int, 10, positive, ">= 1"),
+        "alpha": Param(float, None, positive, "> 0", fraction=True),
+        "seed": Param(int),
+    }
+    adversarial = True
+    stop_on_robust_collapse = False
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params)
+        if self.params["alpha"] is None:
+            self.params["alpha"] = 2.5 * self.params["eps"] / self.params["steps"]
+
+    def craft(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The KL-maximising x_adv inside the ε ball (model evaluated in eval mode)."""
+        eps, alpha = float(self.params["eps"]), float(self.params["alpha"])
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                p_clean = F.softmax(model(x).float(), dim=1)
+            x_adv = (x + 0.001 * self._randn(x)).clamp(0.0, 1.0).detach()
+            for _ in range(int(self.params["steps"])):
+                x_adv.requires_grad_(True)
+                logp = F.log_softmax(model(x_adv).float(), dim=1)
+                kl = F.kl_div(logp, p_clean, reduction="sum")
+                (grad,) = torch.autograd.grad(kl, x_adv)
+                x_adv = x_adv.detach() + alpha * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0).detach()
+        finally:
+            model.train(was_training)
+        return x_adv
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """CE on clean plus β·KL(clean ‖ adversarial); logits are those of the clean batch."""
+        x_adv = self.craft(model, x)
+        logits = model(x)
+        logits_adv = model(x_adv)
+        # float: the KL of two bf16/fp16 distributions under autocast is too coarse
+        logits_f, adv_f = logits.float(), logits_adv.float()
+        robust = F.kl_div(
+            F.log_softmax(adv_f, dim=1), F.softmax(logits_f, dim=1), reduction="batchmean"
+        )
+        return F.cross_entropy(logits_f, y) + float(self.params["beta"]) * robust, logits

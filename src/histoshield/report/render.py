@@ -1,0 +1,259 @@
+"""report.md and a self-contained report.html, built from a study folder's results.json alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoshield.errors import HistoshieldError
+from histoshield.report import figures as F
+from histoshield.report import tables as T
+from histoshield.runtime import write_text
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:980px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;border-bottom:2px solid #c2185b;padding-bottom:.2em}
+h2{font-size:1.25em;margin-top:1.8em;color:#6a1b4d}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+caption{font-weight:600;text-align:left;padding:.3em 0}
+th,td{border:1px solid #ddd;padding:.3em .6em}th{background:#f6eef3}td.r{text-align:right}
+td:not(.r){text-align:left}.note{font-size:.85em;color:#555;margin-top:0}
+figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:.85em;color:#555}
+.warn{background:#fff4e5;border-left:4px solid #f57c00;padding:.5em 1em}
+.ok{background:#eef7ee;border-left:4px solid #2e7d32;padding:.5em 1em}
+code{background:#f4f4f4;padding:0 .2em}
+"""
+
+Block = tuple  # ("h1"|"h2"|"p"|"ul"|"table"|"fig"|"warn"|"ok", payload...)
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    """Read a study's results.json, with a clear error when it is missing or broken."""
+    p = Path(run_dir) / "results.json"
+    if not p.is_file():
+        raise HistoshieldError(f"no results.json in {run_dir}: run `histoshield study` there first")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise HistoshieldError(f"{p} is not valid JSON ({e.msg}); rerun the study") from e
+
+
+# ---- figures --------------------------------------------------------------------------------
+
+
+def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """(Re)draw every figure whose inputs exist; returns {key: png path}."""
+    run_dir = Path(run_dir)
+    fig_dir = run_dir / "figures"
+    ex_dir = run_dir / "examples"
+    out: dict[str, Path] = {}
+    f4 = results.get("figure4")
+    if f4 and (ex_dir / "figure4.npz").is_file():
+        z = np.load(ex_dir / "figure4.npz")
+        out["figure4"] = F.figure4_noise(z["image"], z["noisy"], f4["sigma"],
+                                         fig_dir / "figure4_noise.png")
+    histories = {}
+    for name, info in results.get("models", {}).items():
+        rd = info.get("run_dir")
+        if rd:
+            cols = F.read_metrics_csv(run_dir / rd / "metrics.csv")
+            if cols:
+                histories[name] = cols
+    if histories:
+        out["figure5"] = F.figure5_accuracy(histories, fig_dir / "figure5_accuracy.png")
+    f6 = results.get("figure6")
+    if f6 and (ex_dir / "figure6.npz").is_file():
+        z = np.load(ex_dir / "figure6.npz")
+        caps = [
+            f"original: {f6['pred_clean']} ({T.pct(f6['prob_clean'])})",
+            f"adversarial: {f6['pred_adv']} ({T.pct(f6['prob_adv'])})",
+            "perturbation (amplified)",
+        ]
+        title = (f"Figure 6. {str(f6.get('attack', 'fgsm')).upper()} eps = {T.eps_label(f6)} "
+                 f"on '{f6['model']}' (true: {f6['true']})")
+        out["figure6"] = F.figure6_adversarial(z["original"], z["adversarial"], caps, title,
+                                               fig_dir / "figure6_adversarial.png")
+    if results.get("curves"):
+        out["curves"] = F.robustness_curves(results["curves"], fig_dir / "robustness_curves.png")
+    if results.get("certified", {}).get("curve"):
+        out["certified"] = F.certified_curve(results["certified"],
+                                             fig_dir / "certified_accuracy.png")
+    return out
+
+
+# ---- content --------------------------------------------------------------------------------
+
+
+def _summary(r: dict[str, Any]) -> list[str]:
+    lines = []
+    models = r.get("models", {})
+    for name, info in models.items():
+        m = info.get("clean") or {}
+        if m.get("accuracy") is not None:
+            lines.append(
+                f"{name}: clean test accuracy {T.pct(m['accuracy'])} "
+                f"(95% CI {T.ci(m.get('accuracy_ci'))}, n = {T.count(m.get('n'))})"
+            )
+    t3 = r.get("table3", {})
+    for name, row in t3.get("rows", {}).items():
+        lines.append(
+            f"{name} under {str(t3.get('attack', 'fgsm')).upper()} eps = {T.eps_label(t3)} on "
+            f"{t3.get('only') or 'all'} test images: {T.count(row.get('clean_correct'))}/"
+            f"{T.count(row.get('n'))} → {T.count(row.get('adv_correct'))}/{T.count(row.get('n'))} "
+            f"correct ({T.pct(row.get('clean_accuracy'))} → "
+            f"{T.pct(row.get('adversarial_accuracy'))})"
+        )
+    return lines
+
+
+def _methods(r: dict[str, Any]) -> list[str]:
+    cfg = r.get("config", {})
+    tr = cfg.get("train", {})
+    data = r.get("data", {})
+    env = r.get("env", {})
+    cert = r.get("certified", {})
+    t3 = r.get("table3", {})
+    lines = [
+        f"Data: {data.get('source', '?')} (layout {data.get('layout', '?')}), "
+        f"{T.count(data.get('n'))} images, classes {', '.join(data.get('classes', []))}.",
+        f"Split protocol: by {data.get('split_by', '?')}, stratified by class; seed "
+        f"{T.count(cfg.get('seed'))}.",
+        f"Model: {tr.get('model', '?')} (weights {tr.get('weights', '?')}), input "
+        f"{T.count(tr.get('image_size'))} px, {tr.get('optimizer', '?')} lr "
+        f"{tr.get('lr')}, batch {T.count(tr.get('batch_size'))}, "
+        f"{T.count(tr.get('epochs'))} epochs, model selection on validation accuracy "
+        "(validation robust accuracy for adversarial defenses).",
+        f"Gaussian-noise defense: the same settings with N(0, σ²) noise, σ = "
+        f"{cfg.get('gaussian_sigma')}, added to each training batch in [0, 1] and clipped.",
+        f"Table 3 attack: {str(t3.get('attack', 'fgsm')).upper()}, eps = {T.eps_label(t3)} in pixel "
+        "units (L∞), on the test images of class "
+        f"{t3.get('only') or 'any'}. The paper does not report its eps.",
+        "Robustness curves: eps = "
+        + ", ".join(f"{e:g}/255" for e in r.get("curve_eps_255", []))
+        + f"; attacks: {', '.join(cfg.get('curve_attacks', []) + cfg.get('extra_attacks', []))}.",
+    ]
+    if cfg.get("extra_defenses"):
+        lines.append(f"Extra defenses: {', '.join(cfg['extra_defenses'])}.")
+    if cert:
+        lines.append(
+            f"Certification: randomized smoothing (Cohen et al. 2019) of '{cert.get('model')}' "
+            f"with σ = {cert.get('sigma')}, n0 = {T.count(cert.get('n0'))}, n = "
+            f"{T.count(cert.get('n'))}, α = {cert.get('alpha')}."
+        )
+    versions = ", ".join(
+        f"{k} {env[k]}"
+        for k in ("histoshield", "python", "torch", "torchvision", "timm", "torchattacks",
+                  "sklearn")
+        if env.get(k)
+    )
+    lines.append(f"Software: {versions}.")
+    hw = f"device {env.get('device', '?')}"
+    if env.get("gpu"):
+        hw += f" ({env['gpu']})"
+    hw += (f", {T.count(env.get('cpu_count'))} CPU cores, "
+           f"{T.count(env.get('torch_threads'))} torch threads; {env.get('platform', '?')}")
+    lines.append(f"Hardware: {hw}.")
+    if r.get("total_seconds") is not None:
+        lines.append(f"Total time: {T.num(r['total_seconds'], 1)} s (per stage below).")
+    lines.append(
+        "Number format: fractions are shown as percentages with two decimals; counts as "
+        "integers; eps as multiples of 1/255; every number comes from results.json."
+    )
+    return lines
+
+
+def report_blocks(r: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> list[Block]:
+    """The report as an ordered list of blocks (shared by the Markdown and HTML writers)."""
+    def fig(key: str, caption: str) -> list[Block]:
+        return [("fig", figs[key], caption)] if key in figs else []
+
+    b: list[Block] = [("h1", f"histoshield study: {r.get('name', 'study')}")]
+    b.append(("ul", _summary(r)))
+    b += [("h2", "Data and split"), ("table", T.table1_split(r))]
+    b += [("h2", "Clean performance"), ("table", T.table2_clean(r))]
+    b += fig("figure5", "Figure 5. Training and validation accuracy per epoch.")
+    b += fig("figure4", "Figure 4. The Gaussian-noise defense's training input (zoomed inset).")
+    b += [("h2", "The paper's attack (Table 3)"), ("table", T.table3_attack(r))]
+    b += fig("figure6", "Figure 6. Original, adversarial and amplified perturbation.")
+    if r.get("curves"):
+        b += [("h2", "Robustness curves"), ("table", T.curve_table(r))]
+        b += fig("curves", "Adversarial accuracy vs eps; bands are Wilson 95% CIs.")
+    if r.get("transfer"):
+        b += [("h2", "Transfer attacks"), ("table", T.transfer_table(r))]
+    if r.get("certified"):
+        b += [("h2", "Certified accuracy (randomized smoothing)"), ("table", T.certified_table(r))]
+        b += fig("certified", "Certified accuracy vs L2 radius.")
+    b += [("h2", "Methods"), ("ul", _methods(r))]
+    b.append(("h2", "Sanity-check warnings"))
+    warns = T.sanity_lines(r)
+    if warns:
+        b.append(("warn", warns))
+    elif r.get("sanity"):
+        b.append(("ok", ["All sanity checks passed."]))
+    else:
+        b.append(("ok", ["No sanity checks were run."]))
+    if r.get("timings"):
+        b += [("h2", "Time per stage"), ("table", T.timings_table(r))]
+    return b
+
+
+def to_markdown(blocks: list[Block], run_dir: Path) -> str:
+    """Markdown with figures linked relative to the run folder."""
+    out = []
+    for kind, *p in blocks:
+        if kind == "h1":
+            out.append(f"# {p[0]}\n")
+        elif kind == "h2":
+            out.append(f"## {p[0]}\n")
+        elif kind in ("ul", "warn", "ok"):
+            out.append("\n".join(f"- {x}" for x in p[0]) + "\n")
+        elif kind == "table":
+            out.append(p[0].to_markdown())
+        elif kind == "fig":
+            rel = Path(p[0]).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+            out.append(f"![{p[1]}]({rel})\n")
+    return "\n".join(out)
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    """One self-contained HTML file: figures embedded as base64 PNG, minimal CSS."""
+    out = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+    ]
+    for kind, *p in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"<{kind}>{html.escape(p[0])}</{kind}>")
+        elif kind in ("ul", "warn", "ok"):
+            items = "".join(f"<li>{html.escape(x)}</li>" for x in p[0])
+            ul = f"<ul>{items}</ul>"
+            out.append(ul if kind == "ul" else f'<div class="{kind}">{ul}</div>')
+        elif kind == "table":
+            out.append(p[0].to_html())
+        elif kind == "fig":
+            data = base64.b64encode(Path(p[0]).read_bytes()).decode("ascii")
+            out.append(
+                f'<figure><img alt="{html.escape(p[1])}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(p[1])}</figcaption></figure>"
+            )
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def build_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Regenerate figures, report.md and report.html of a study folder from its results.json."""
+    run_dir = Path(run_dir)
+    r = load_results(run_dir)
+    figs = make_figures(run_dir, r)
+    blocks = report_blocks(r, figs, run_dir)
+    md = write_text(run_dir / "report.md", to_markdown(blocks, run_dir))
+    page = write_text(run_dir / "report.html", to_html(blocks, f"histoshield study: "
+                                                       f"{r.get('name', 'study')}"))
+    return md, page

@@ -1,0 +1,619 @@
+"""The paper's protocol end to end, as a list of named, resumable stages.
+
+split (Table 1) → train original → train gaussian (+ extra defenses) → clean metrics (Table 2) →
+Table 3 (FGSM on malignant test images) → robustness curves → transfer → certification of the
+gaussian model → sanity checks → report.
+
+Each finished stage is recorded atomically in ``state.json`` and its results merged into
+``results.json``; ``resume=True`` skips finished stages and training stages continue from their
+``last.pt``. Every stage reseeds from ``cfg.seed``, so a resumed study gives the same numbers as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from histoshield.config import StudyConfig, TrainConfig, dump_config, load_config
+from histoshield.errors import HistoshieldError
+from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
+
+STATE = "state.json"
+RESULTS = "results.json"
+ORIGINAL, GAUSSIAN = "original", "gaussian"
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The YAML presets shipped inside the package: {name: path}."""
+    from importlib import resources
+
+    folder = resources.files("histoshield") / "configs"
+    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir()
+            if p.name.endswith(".yaml")}
+
+
+def load_study_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
+    """A StudyConfig from a YAML file or a shipped preset name (`default`, `cpu`, `paper`)."""
+    presets = shipped_configs()
+    if path is None:
+        path = presets["default"]
+    elif not Path(path).is_file() and str(path).removesuffix(".yaml") in presets:
+        path = presets[str(path).removesuffix(".yaml")]
+    return load_config(StudyConfig, path, **overrides)
+
+
+# ---- stage machinery ------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One named step of the study: `fn(ctx)` returns the results to merge into results.json."""
+
+    name: str
+    fn: Callable[[Context], dict[str, Any]]
+
+
+@dataclass
+class Context:
+    """What the stages share: config, run folder, device and an in-process cache."""
+
+    cfg: StudyConfig
+    out: Path
+    results: dict[str, Any]
+    device: torch.device
+    progress: bool
+    echo: Callable[[str], None]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_names(self) -> list[str]:
+        """Study models in training order: original, gaussian, then extra defenses."""
+        return [ORIGINAL, GAUSSIAN, *defense_slugs(self.cfg)]
+
+    def train_config(self, defense: str | None) -> TrainConfig:
+        """The original model's settings, on the study's split and seed, with `defense`."""
+        return self.cfg.train.model_copy(
+            update={
+                "data": self.cfg.data,
+                "split": str(self.out / "split.csv"),
+                "split_by": self.cfg.split_by,
+                "seed": self.cfg.seed,
+                "defense": defense,
+            }
+        )
+
+
+def defense_slugs(cfg: StudyConfig) -> list[str]:
+    """Model names for the extra defenses: the defense name, numbered when repeated."""
+    names: list[str] = []
+    for spec in cfg.extra_defenses:
+        base = spec.split(":", 1)[0].strip().lower()
+        name, k = base, 2
+        while name in names or name in (ORIGINAL, GAUSSIAN):
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def gaussian_spec(cfg: StudyConfig) -> str:
+    """The paper's defense: the original settings plus Gaussian-noise training at σ."""
+    return f"gaussian:sigma={cfg.gaussian_sigma:g}"
+
+
+def build_stages(cfg: StudyConfig) -> list[Stage]:
+    """The ordered stages this config runs."""
+    stages = [
+        Stage("split", _stage_split),
+        Stage("train_original", lambda c: _stage_train(c, ORIGINAL, None)),
+        Stage("train_gaussian", lambda c: _stage_train(c, GAUSSIAN, gaussian_spec(c.cfg))),
+    ]
+    for slug, spec in zip(defense_slugs(cfg), cfg.extra_defenses, strict=True):
+        stages.append(Stage(f"train_{slug}", lambda c, s=slug, d=spec: _stage_train(c, s, d)))
+    stages += [Stage("clean", _stage_clean), Stage("table3", _stage_table3),
+               Stage("curves", _stage_curves)]
+    if cfg.transfer:
+        stages.append(Stage("transfer", _stage_transfer))
+    if cfg.certify.enabled:
+        stages.append(Stage("certify", _stage_certify))
+    if cfg.sanity:
+        stages.append(Stage("sanity", _stage_sanity))
+    stages.append(Stage("report", _stage_report))
+    return stages
+
+
+def _config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Merge stage results: dicts merge recursively (e.g. `models`), everything else replaces."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HistoshieldError(f"cannot read {path} ({e}); start again with --overwrite") from e
+
+
+OWNED = ("state.json", "results.json", "config.yaml", "env.json", "split.csv", "report.md",
+         "report.html", "certify.json", "figures", "examples")
+
+
+def _clear(out: Path, cfg: StudyConfig) -> None:
+    """Remove what a previous study wrote in `out` (and nothing else)."""
+    for name in (*OWNED, ORIGINAL, GAUSSIAN, *defense_slugs(cfg)):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every stage of the study into `out`; returns the final results.json."""
+    out = Path(out).expanduser().resolve()
+    echo = echo or (print if progress else (lambda s: None))
+    cfg_text = dump_config(cfg)
+    state_path = out / STATE
+    if state_path.is_file() and not resume:
+        if not overwrite:
+            raise HistoshieldError(
+                f"{out} already holds a study: pass --resume to continue it, --overwrite to "
+                "start again, or choose another --out"
+            )
+        _clear(out, cfg)
+    if resume and state_path.is_file():
+        state = _read_json(state_path)
+        if state.get("config_sha256") != _config_digest(cfg_text):
+            raise HistoshieldError(
+                f"{out} holds a study with a different config ({out / 'config.yaml'}): resume "
+                "with the same settings, or use --overwrite / another --out"
+            )
+        results = _read_json(out / RESULTS) if (out / RESULTS).is_file() else {}
+    else:
+        state = {"finished": [], "config_sha256": _config_digest(cfg_text)}
+        results = {}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", cfg_text)
+    device = pick_device(cfg.train.device)
+    env = environment(device)
+    write_json(out / "env.json", env)
+    results.update(name=cfg.name, config=cfg.model_dump(mode="json"), env=env)
+    results.setdefault("timings", {})
+    ctx = Context(cfg, out, results, device, progress, echo)
+    stages = build_stages(cfg)
+    for i, stage in enumerate(stages):
+        if stage.name in state["finished"]:
+            continue
+        echo(f"[{i + 1}/{len(stages)}] {stage.name}")
+        seed_everything(cfg.seed)
+        t0 = time.perf_counter()
+        new = stage.fn(ctx) or {}
+        _merge(results, new)
+        results["timings"][stage.name] = round(time.perf_counter() - t0, 3)
+        results["total_seconds"] = round(sum(results["timings"].values()), 3)
+        write_json(out / RESULTS, results)
+        state["finished"].append(stage.name)
+        write_json(state_path, state)  # after results: a stage counts only once its numbers exist
+    if "report" in state["finished"]:
+        # the report stage ran before the final timing was known: refresh it with every stage
+        from histoshield.report import build_report
+
+        build_report(out)
+    echo(f"report: {out / 'report.html'}")
+    return results
+
+
+# ---- data and models shared by stages -----------------------------------------------------
+
+
+def _split_set(ctx: Context):
+    from histoshield.data.splits import read_split
+
+    if "split" not in ctx.cache:
+        ctx.cache["split"] = read_split(ctx.out / "split.csv")
+    return ctx.cache["split"]
+
+
+def _test_data(ctx: Context) -> dict[str, Any]:
+    """Test images (float, [0,1]), labels in the models' class order and patient ids."""
+    from histoshield.data.arrays import labels_of, load_arrays, to_float
+
+    if "test" not in ctx.cache:
+        iset = _split_set(ctx)
+        recs = iset.subset("test")
+        if not recs:
+            raise HistoshieldError(f"the split {ctx.out / 'split.csv'} has no test images")
+        arr = load_arrays(recs, ctx.cfg.train.image_size, cache_dir=ctx.cfg.train.cache_dir,
+                          progress=ctx.progress)
+        classes = iset.classes
+        ctx.cache["test"] = {
+            "records": recs,
+            "x": to_float(arr),
+            "y": torch.from_numpy(labels_of(recs, classes)),
+            "classes": classes,
+            "patients": [r.patient for r in recs] if all(r.patient for r in recs) else None,
+        }
+    return ctx.cache["test"]
+
+
+def _model(ctx: Context, name: str) -> torch.nn.Module:
+    from histoshield.models import load_checkpoint
+
+    key = f"model:{name}"
+    if key not in ctx.cache:
+        p = ctx.out / name / "best.pt"
+        if not p.is_file():
+            raise HistoshieldError(f"{p} is missing: rerun the study with --overwrite")
+        ctx.cache[key] = load_checkpoint(p).to(ctx.device).eval()
+    return ctx.cache[key]
+
+
+def _positive(classes: list[str]) -> int:
+    return classes.index("malignant") if "malignant" in classes else len(classes) - 1
+
+
+def _predict(ctx: Context, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from histoshield.evaluation.predict import predict_proba
+
+    return predict_proba(model, x, batch_size=ctx.cfg.batch_size, device=ctx.device)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    from histoshield.runtime import atomic_write
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, _write)
+
+
+def _eps_255(eps: float) -> float:
+    """eps in grey levels, rounded so that 2/255 is stored as 2.0 rather than 1.9999999."""
+    return round(float(eps) * 255.0, 4)
+
+
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'pgd:steps=10,restarts=1' → ('pgd', {'steps': 10, 'restarts': 1})."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise HistoshieldError(f"bad attack spec {spec!r}: write name:key=value,key=value")
+        params[key.strip()] = _value(val.strip())
+    return name.strip().lower(), params
+
+
+def _value(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if "/" in text:
+        from histoshield.config import parse_eps_value
+
+        try:
+            return parse_eps_value(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _attack(ctx: Context, spec: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+            eps: float) -> torch.Tensor:
+    from histoshield import attacks
+
+    if eps == 0:
+        return x.clone()
+    name, params = parse_attack_spec(spec)
+    params.setdefault("seed", ctx.cfg.seed)
+    params.setdefault("batch_size", ctx.cfg.batch_size)
+    return attacks.run(name, model, x.to(ctx.device), y.to(ctx.device), eps=eps,
+                       **params).cpu()
+
+
+def _wilson(k: int, n: int) -> list[float] | None:
+    from histoshield.evaluation.metrics import wilson_ci
+
+    ci = wilson_ci(k, n)
+    return None if ci is None else [float(ci[0]), float(ci[1])]
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+
+def _stage_split(ctx: Context) -> dict[str, Any]:
+    from histoshield.data.layouts import load_imageset
+    from histoshield.data.splits import SPLITS, make_split, split_summary, write_split
+    from histoshield.report import tables
+
+    cfg = ctx.cfg
+    on_bad = "skip" if cfg.train.skip_bad else "raise"
+    iset = load_imageset(cfg.data, magnifications=cfg.train.magnification or None, on_bad=on_bad)
+    if len(iset.classes) < 2:
+        raise HistoshieldError(f"the study needs two classes; {cfg.data} has {iset.classes}")
+    if cfg.only is not None and cfg.only not in iset.classes:
+        raise HistoshieldError(
+            f"only: {cfg.only!r} is not a class of {cfg.data} ({', '.join(iset.classes)}); "
+            "set `only` in the config to one of them or to null"
+        )
+    if all(r.split in SPLITS for r in iset.records):
+        split = iset  # the data path was a split CSV: keep that split
+        by = "given"
+    else:
+        by = cfg.split_by
+        if by == "auto":
+            by = "patient" if all(r.patient for r in iset.records) else "image"
+        split = make_split(iset, by=by, val=cfg.train.val, test=cfg.train.test, seed=cfg.seed)
+    write_split(ctx.out / "split.csv", split)
+    ctx.cache.pop("split", None)
+    patients = None
+    if all(r.patient for r in split.records):
+        patients = {
+            c: {s: len({r.patient for r in split.records if r.label == c and r.split == s})
+                for s in SPLITS}
+            for c in split.classes
+        }
+        patients["total"] = {s: len({r.patient for r in split.records if r.split == s})
+                             for s in SPLITS}
+    data = {
+        "source": cfg.data,
+        "layout": iset.layout,
+        "n": len(split.records),
+        "classes": split.classes,
+        "split_by": by,
+        "split": split_summary(split),
+        "patients_per_split": patients,
+        "problems": list(iset.problems),
+    }
+    ctx.echo(tables.table1_split({"data": data}).to_markdown())
+    return {"data": data}
+
+
+def _stage_train(ctx: Context, name: str, defense_spec: str | None) -> dict[str, Any]:
+    from histoshield.training import train
+
+    run = ctx.out / name
+    tcfg = ctx.train_config(defense_spec)
+    defense = None
+    if defense_spec:
+        from histoshield import defenses
+
+        defense = defenses.create(defense_spec)
+    if (run / "results.json").is_file() and (run / "best.pt").is_file():
+        res = _read_json(run / "results.json")  # finished before the study could record it
+    else:
+        resume = (run / "last.pt").is_file()
+        res = train(tcfg, run, resume=resume, defense=defense, progress=ctx.progress)
+    info = {
+        "run_dir": name,
+        "defense": defense_spec,
+        "adversarial": bool(getattr(defense, "adversarial", False)),
+        "train": {k: res.get(k) for k in ("epochs_run", "best_epoch", "selected_by", "stopped",
+                                          "train_seconds")},
+        "val": res.get("val"),
+    }
+    out: dict[str, Any] = {"models": {name: info}}
+    if name == GAUSSIAN:
+        out.update(_figure4(ctx))
+    return out
+
+
+def _figure4(ctx: Context) -> dict[str, Any]:
+    """Figure 4's data: one training tile and the noisy version the gaussian defense trains on."""
+    from histoshield.data.arrays import load_arrays
+
+    rec = _split_set(ctx).subset("train")[0]
+    img = load_arrays([rec], ctx.cfg.train.image_size, cache_dir=ctx.cfg.train.cache_dir,
+                      progress=False)[0]
+    gen = torch.Generator().manual_seed(ctx.cfg.seed)
+    x = torch.from_numpy(img).float() / 255.0
+    noisy = (x + ctx.cfg.gaussian_sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    _save_npz(ctx.out / "examples" / "figure4.npz", image=img, noisy=noisy.numpy())
+    return {"figure4": {"sigma": ctx.cfg.gaussian_sigma}}
+
+
+def _stage_clean(ctx: Context) -> dict[str, Any]:
+    from histoshield.evaluation.metrics import classification_metrics
+    from histoshield.report import tables
+
+    d = _test_data(ctx)
+    models: dict[str, Any] = {}
+    for name in ctx.model_names:
+        prob = _predict(ctx, _model(ctx, name), d["x"])
+        m = classification_metrics(d["y"].numpy(), prob.argmax(1).numpy(), prob.numpy(),
+                                   patients=d["patients"], positive=_positive(d["classes"]))
+        models[name] = {"clean": m}
+    ctx.echo(tables.table2_clean({"models": models}).to_markdown())
+    return {"models": models}
+
+
+def _stage_table3(ctx: Context) -> dict[str, Any]:
+    from histoshield.report import tables
+
+    cfg = ctx.cfg
+    d = _test_data(ctx)
+    classes = d["classes"]
+    mask = torch.ones_like(d["y"], dtype=torch.bool)
+    if cfg.only is not None:
+        mask = d["y"] == classes.index(cfg.only)
+    x, y = d["x"][mask], d["y"][mask]
+    idx = torch.nonzero(mask).flatten()
+    rows: dict[str, Any] = {}
+    fig6: dict[str, Any] = {}
+    for name in ctx.model_names:
+        model = _model(ctx, name)
+        p_clean = _predict(ctx, model, x)
+        adv = _attack(ctx, cfg.table3_attack, model, x, y, cfg.table3_eps)
+        p_adv = _predict(ctx, model, adv)
+        n = len(y)
+        k_clean = int((p_clean.argmax(1) == y).sum())
+        k_adv = int((p_adv.argmax(1) == y).sum())
+        rows[name] = {
+            "n": n,
+            "clean_correct": k_clean,
+            "adv_correct": k_adv,
+            "clean_accuracy": k_clean / n if n else None,
+            "adversarial_accuracy": k_adv / n if n else None,
+            "adversarial_accuracy_ci": _wilson(k_adv, n),
+        }
+        if name == ORIGINAL and n:
+            fig6 = _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes)
+    t3 = {"attack": cfg.table3_attack, "eps": cfg.table3_eps, "eps_255": _eps_255(cfg.table3_eps),
+          "only": cfg.only, "rows": rows}
+    ctx.echo(tables.table3_attack({"table3": t3}).to_markdown())
+    return {"table3": t3, **fig6}
+
+
+def _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes) -> dict[str, Any]:
+    """Figure 6's data: the first attacked image whose prediction the attack flipped."""
+    flipped = (p_clean.argmax(1) == y) & (p_adv.argmax(1) != y)
+    i = int(torch.nonzero(flipped).flatten()[0]) if bool(flipped.any()) else 0
+    _save_npz(ctx.out / "examples" / "figure6.npz", original=x[i].numpy(),
+              adversarial=adv[i].numpy())
+    pc, pa = int(p_clean[i].argmax()), int(p_adv[i].argmax())
+    return {"figure6": {
+        "model": ORIGINAL, "attack": ctx.cfg.table3_attack, "eps": ctx.cfg.table3_eps,
+        "eps_255": _eps_255(ctx.cfg.table3_eps), "index": int(idx[i]),
+        "true": classes[int(y[i])], "pred_clean": classes[pc], "prob_clean": float(p_clean[i, pc]),
+        "pred_adv": classes[pa], "prob_adv": float(p_adv[i, pa]),
+    }}
+
+
+def _curve_attacks(cfg: StudyConfig) -> list[str]:
+    return list(dict.fromkeys([*cfg.curve_attacks, *cfg.extra_attacks]))
+
+
+def _stage_curves(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    d = _test_data(ctx)
+    x, y = d["x"], d["y"]
+    rows = []
+    for name in ctx.model_names:
+        model = _model(ctx, name)
+        correct0 = _predict(ctx, model, x).argmax(1) == y
+        for spec in _curve_attacks(cfg):
+            for eps in cfg.curve_eps:
+                t0 = time.perf_counter()
+                adv = _attack(ctx, spec, model, x, y, eps)
+                ok = _predict(ctx, model, adv).argmax(1) == y
+                if name == ORIGINAL:
+                    ctx.cache[f"adv:{spec}:{eps}"] = adv  # reused by the transfer stage
+                n, k = len(y), int(ok.sum())
+                k0 = int(correct0.sum())
+                rows.append({
+                    "model": name, "attack": spec, "eps": eps, "eps_255": _eps_255(eps), "n": n,
+                    "clean_correct": k0, "adv_correct": k, "clean_accuracy": k0 / n, "adversarial_accuracy": k / n,
+                    "adversarial_accuracy_ci": _wilson(k, n),
+                    "success_rate": (int((correct0 & ~ok).sum()) / k0) if k0 else None,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                })
+    return {"curves": rows, "curve_eps_255": [_eps_255(e) for e in cfg.curve_eps]}
+
+
+def _stage_transfer(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    d = _test_data(ctx)
+    x, y = d["x"], d["y"]
+    source = _model(ctx, ORIGINAL)
+    rows = []
+    for spec in _curve_attacks(cfg):
+        for eps in cfg.curve_eps:
+            if eps == 0:
+                continue
+            adv = ctx.cache.get(f"adv:{spec}:{eps}")
+            if adv is None:  # resumed after the curves stage: craft again (same seed, same images)
+                adv = _attack(ctx, spec, source, x, y, eps)
+            k_src = int((_predict(ctx, source, adv).argmax(1) == y).sum())
+            for target in ctx.model_names[1:]:
+                k = int((_predict(ctx, _model(ctx, target), adv).argmax(1) == y).sum())
+                rows.append({
+                    "source": ORIGINAL, "target": target, "attack": spec, "eps": eps,
+                    "eps_255": _eps_255(eps), "n": len(y), "source_accuracy": k_src / len(y),
+                    "adversarial_accuracy": k / len(y),
+                    "adversarial_accuracy_ci": _wilson(k, len(y)),
+                })
+    return {"transfer": rows}
+
+
+def _stage_certify(ctx: Context) -> dict[str, Any]:
+    from histoshield.evaluation.certify import certify_images
+
+    c = ctx.cfg.certify
+    d = _test_data(ctx)
+    x, y = d["x"], d["y"]
+    if c.limit is not None and len(x) > c.limit:
+        # an evenly spaced subset keeps both classes when the split lists them in blocks
+        keep = torch.linspace(0, len(x) - 1, c.limit).round().long().unique()
+        x, y = x[keep], y[keep]
+    sigma = c.sigma if c.sigma is not None else ctx.cfg.gaussian_sigma
+    res = certify_images(_model(ctx, GAUSSIAN), x, y, sigma=sigma, n0=c.n0, n=c.n,
+                         alpha=c.alpha, batch=c.batch, seed=ctx.cfg.seed, device=ctx.device,
+                         progress=ctx.progress)
+    write_json(ctx.out / "certify.json", res)
+    summary = {k: v for k, v in res.items() if k != "rows"}
+    summary["model"] = GAUSSIAN
+    summary["abstain"] = int(sum(r["abstained"] for r in res["rows"]))
+    return {"certified": summary}
+
+
+def _stage_sanity(ctx: Context) -> dict[str, Any]:
+    from histoshield.evaluation.sanity import run_checks
+
+    d = _test_data(ctx)
+    curves = ctx.results.get("curves", [])
+    out = []
+    for name in ctx.model_names:
+        model = _model(ctx, name)
+        for spec in _curve_attacks(ctx.cfg):
+            rows = [r for r in curves if r["model"] == name and r["attack"] == spec]
+            if len(rows) < 2:
+                continue
+            attack, params = parse_attack_spec(spec)
+            checks = run_checks(model, d["x"], d["y"], rows, attack=attack, params=params,
+                                classes=d["classes"], batch_size=ctx.cfg.batch_size,
+                                seed=ctx.cfg.seed)
+            out += [{"model": name, "attack": spec, **c} for c in checks]
+    for c in out:
+        if not c["passed"]:
+            ctx.echo(f"warning: {c['model']}/{c['attack']}: {c['detail']}")
+    return {"sanity": out}
+
+
+def _stage_report(ctx: Context) -> dict[str, Any]:
+    from histoshield.report import build_report
+
+    write_json(ctx.out / RESULTS, ctx.results)  # the report reads only what is on disk
+    build_report(ctx.out)
+    return {}

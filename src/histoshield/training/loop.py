@@ -1,0 +1,668 @@
+"""The training loop and its run folder.
+
+`train(cfg, out)` decodes the data once into uint8 tensors, trains with per-epoch validation,
+keeps `best.pt` (selection metric below) and `last.pt` (everything needed to resume), and
+writes metrics.csv, accuracy.png and results.json into `out`.
+
+Reproducibility: every epoch's shuffling, augmentation and global torch/numpy/python RNG are
+re-derived from (seed, epoch), and `last.pt` also stores the RNG states, optimizer, scheduler
+and grad-scaler state. So on CPU a run interrupted after any epoch and resumed ends with
+exactly the weights of an uninterrupted run.
+
+Selection: highest validation accuracy, ties broken by lower validation loss. With an
+adversarial defense: highest validation robust accuracy (PGD from `defense.perturb_val`), then
+clean accuracy, then loss. With `defense.stop_on_robust_collapse` (FGSM-RS catastrophic
+overfitting) training stops once robust accuracy falls more than ROBUST_COLLAPSE_DROP below its
+best; the best checkpoint is kept.
+
+Distributed: under torchrun every rank holds the data, takes a DistributedSampler-style shard
+of the same (seed, epoch) permutation, and metrics are summed over ranks; only rank 0 writes.
+Without a defense the model is wrapped in DistributedDataParallel; a defense calls the model
+several times per step (crafting examples), which DDP's bookkeeping does not allow, so then
+gradients are averaged explicitly after backward (mathematically the same update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoshield.config import TrainConfig, dump_config
+from histoshield.data.transforms import Augment
+from histoshield.errors import HistoshieldError
+from histoshield.runtime import environment, seed_everything, write_json, write_text
+from histoshield.training import distributed as D
+
+ROBUST_COLLAPSE_DROP = 0.2  # absolute drop in val robust accuracy that counts as collapse
+STAIN_FIT_MAX = 512  # training images used to fit the stain-normalisation reference
+CSV_FIELDS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_robust_acc",
+    "lr",
+    "seconds",
+]
+
+
+# ---- small helpers ------------------------------------------------------------------------
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (seed, epoch, purpose, rank)."""
+    ss = np.random.SeedSequence([int(p) % (2**63) for p in parts])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+_PERM, _AUG, _GLOBAL = 1, 2, 3
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Reseed the global RNGs for one epoch (dropout, defenses' noise, attack starts)."""
+    s = derive_seed(seed, epoch, _GLOBAL)
+    torch.manual_seed(s)
+    np.random.seed(s % (2**32))
+    random.seed(s)
+
+
+def _rng_state() -> dict[str, Any]:
+    # Stored as tensors/lists only, so last.pt stays loadable with weights_only=True.
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    p = st["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def positive_index(classes: list[str]) -> int:
+    """Clinical positive class: `malignant` when present, else the last class."""
+    return classes.index("malignant") if "malignant" in classes else len(classes) - 1
+
+
+def _to_float(xb: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = xb.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _metrics_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def _progress_enabled(progress: bool, ctx: D.DistContext) -> bool:
+    return progress and ctx.is_main and sys.stderr.isatty()
+
+
+def _say(msg: str, progress: bool, ctx: D.DistContext) -> None:
+    if progress and ctx.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+
+
+# ---- the pieces a run is made of ----------------------------------------------------------
+
+
+class Data:
+    """One split's images as uint8 (N,3,H,W), labels and patient ids, held in memory."""
+
+    def __init__(self, records: list, classes: list[str], cfg: TrainConfig, progress: bool):
+        from histoshield.data import labels_of, load_arrays
+
+        self.records = records
+        self.patients = [r.patient for r in records]
+        if records:
+            arr = load_arrays(
+                records,
+                cfg.image_size,
+                cache_dir=cfg.cache_dir,
+                progress=progress,
+            )
+            self.x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+            self.y = torch.as_tensor(np.asarray(labels_of(records, classes)), dtype=torch.long)
+        else:
+            s = cfg.image_size
+            self.x = torch.empty(0, 3, s, s, dtype=torch.uint8)
+            self.y = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return int(self.y.numel())
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD (momentum 0.9, Nesterov) with the configured weight decay."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+    )
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
+    """Per-epoch LR schedule: cosine to 0 over the run, or ×0.1 every third of it."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+    return None
+
+
+class Stepper:
+    """One optimisation step and one evaluation pass, shared by `train` and the benchmark."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        amp: bool = True,
+        defense: Any = None,
+        ctx: D.DistContext | None = None,
+    ) -> None:
+        self.raw = model
+        self.opt = opt
+        self.device = device
+        self.defense = defense
+        self.ctx = ctx or D.DistContext(device=device)
+        self.channels_last = device.type == "cuda"
+        self.amp_dtype: torch.dtype | None = None
+        if amp and device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and device.type == "cuda"
+        )
+        self.manual_sync = False
+        self.model: nn.Module = model
+        if self.ctx.distributed:
+            D.broadcast_parameters(model, self.ctx)
+            if defense is None:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                ids = [device.index] if device.type == "cuda" else None
+                self.model = DDP(model, device_ids=ids)
+            else:
+                self.manual_sync = True
+
+    def autocast(self):
+        """Mixed precision on CUDA (bf16 when supported, else fp16); a no-op on CPU."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on float images x; returns (loss, logits) detached."""
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            if self.defense is not None:
+                loss, logits = self.defense.loss(self.model, x, y)
+            else:
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y)
+        self.scaler.scale(loss).backward()
+        if self.manual_sync:
+            D.sync_gradients(self.raw, self.ctx)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.detach(), logits.detach()
+
+
+# ---- train --------------------------------------------------------------------------------
+
+
+def _prepare_split(cfg: TrainConfig, out: Path, resume: bool):
+    from histoshield import data as hd
+
+    saved = out / "split.csv"
+    if resume and saved.is_file():
+        return hd.read_split(saved)
+    if cfg.split:
+        p = Path(cfg.split).expanduser()
+        if not p.is_file():
+            raise HistoshieldError(
+                f"split file not found: {p} (write one with `histoshield data split` or omit "
+                "--split to make one)"
+            )
+        return hd.read_split(p)
+    on_bad = "skip" if cfg.skip_bad else "raise"
+    iset = hd.load_imageset(cfg.data, magnifications=cfg.magnification or None, on_bad=on_bad)
+    if all(r.split in ("train", "val", "test") for r in iset.records):
+        return iset  # the data path was itself a split CSV
+    return hd.make_split(iset, by=cfg.split_by, val=cfg.val, test=cfg.test, seed=cfg.seed)
+
+
+def _build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+    from histoshield import models
+
+    return models.create(
+        cfg.model,
+        weights=cfg.weights,
+        num_classes=len(classes),
+        classes=classes,
+        image_size=cfg.image_size,
+        stain_norm=cfg.stain_norm,
+    )
+
+
+def _train_state(payload: dict[str, Any]) -> dict[str, Any]:
+    for holder in (payload.get("extra") or {}, payload):
+        if isinstance(holder, dict) and "train_state" in holder:
+            return holder["train_state"]
+    raise HistoshieldError("last.pt holds no training state; it cannot be resumed")
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    defense: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `cfg.model` on `cfg.data`, writing the run folder `out`; returns results.json."""
+    from histoshield import models
+
+    out = Path(out)
+    last_pt, best_pt = out / "last.pt", out / "best.pt"
+    if resume and not last_pt.is_file():
+        raise HistoshieldError(f"cannot resume: {last_pt} does not exist (train without --resume)")
+    if not resume and last_pt.is_file():
+        raise HistoshieldError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    ctx = D.setup(cfg.device)
+    try:
+        return _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt)
+    finally:
+        ctx.close()
+
+
+def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -> dict[str, Any]:
+    t_start = time.time()
+    device = ctx.device
+    seed_everything(cfg.seed)
+    # Rank 0 fills the decode cache first; the others then read it instead of racing to write.
+    if not ctx.is_main:
+        ctx.barrier()
+    iset = _prepare_split(cfg, out, resume)
+    classes = iset.classes
+    if len(classes) < 2:
+        raise HistoshieldError(f"training needs at least two classes; {cfg.data} has {classes}")
+    seed_everything(cfg.seed)
+    model = _build_model(cfg, classes)  # before decoding: a bad model name fails in seconds
+    show = _progress_enabled(progress, ctx)
+    train_d = Data(iset.subset("train"), classes, cfg, show)
+    val_d = Data(iset.subset("val"), classes, cfg, show)
+    test_d = Data(iset.subset("test"), classes, cfg, show)
+    if ctx.is_main:
+        ctx.barrier()
+    if len(train_d) == 0 or len(val_d) == 0:
+        raise HistoshieldError(
+            f"the split has {len(train_d)} training and {len(val_d)} validation images; both "
+            "must be non-empty (use more data or a larger --val)"
+        )
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        from histoshield.data import write_split
+
+        write_text(out / "config.yaml", dump_config(cfg))
+        env = environment(device)
+        env["world_size"] = ctx.world
+        write_json(out / "env.json", env)
+        if not (resume and (out / "split.csv").is_file()):
+            write_split(out / "split.csv", iset)
+
+    if cfg.stain_norm != "none":
+        n_fit = min(len(train_d), STAIN_FIT_MAX)
+        idx = torch.randperm(len(train_d), generator=torch.Generator().manual_seed(cfg.seed))
+        model.fit_stain(train_d.x[idx[:n_fit]].float() / 255.0)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda" and len(train_d) * train_d.x[0].numel() < 4 * 2**30:
+        train_d.x, val_d.x = train_d.x.to(device), val_d.x.to(device)
+    opt = make_optimizer(cfg, model.parameters())
+    sched = make_scheduler(cfg, opt)
+
+    history: list[dict[str, Any]] = []
+    best_key: tuple | None = None
+    best_robust: float | None = None
+    bad_epochs, start_epoch, stopped, train_seconds, best_epoch = 0, 1, None, 0.0, 0
+    if resume:
+        state = _train_state(models.read_checkpoint(last_pt))
+        model.load_state_dict(models.load_checkpoint(last_pt).state_dict())
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        history = list(state["history"])
+        best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
+        best_robust = state.get("best_robust")
+        bad_epochs = int(state["bad_epochs"])
+        stopped = state.get("stopped")
+        train_seconds = float(state.get("train_seconds", 0.0))
+        best_epoch = int(state.get("best_epoch", 0))
+        start_epoch = int(state["epoch"]) + 1
+    stepper = Stepper(model, opt, device, amp=cfg.amp, defense=defense, ctx=ctx)
+    if resume:
+        if state.get("scaler"):
+            stepper.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+    augment = Augment(cfg.augment)
+    adversarial = bool(getattr(defense, "adversarial", False))
+    collapse_watch = bool(getattr(defense, "stop_on_robust_collapse", False))
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped:
+            break
+        t0 = time.time()
+        _seed_epoch(cfg.seed, epoch)
+        g_perm = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _PERM))
+        g_aug = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _AUG, ctx.rank))
+        lr = opt.param_groups[0]["lr"]
+        tr = _train_epoch(stepper, train_d, cfg, augment, g_perm, g_aug, epoch, show)
+        va = _validate(stepper, val_d, cfg, defense if adversarial else None)
+        if sched is not None:
+            sched.step()
+        seconds = time.time() - t0
+        train_seconds += seconds
+        row = {
+            "epoch": epoch,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "val_loss": va["loss"],
+            "val_acc": va["acc"],
+            "val_robust_acc": va.get("robust_acc"),
+            "lr": lr,
+            "seconds": round(seconds, 3),
+        }
+        history.append(row)
+        if adversarial:
+            key = (va["robust_acc"], va["acc"], -va["loss"])
+        else:
+            key = (va["acc"], -va["loss"])
+        improved = best_key is None or key > best_key
+        if improved:
+            best_key, bad_epochs, best_epoch = key, 0, epoch
+        else:
+            bad_epochs += 1
+        if adversarial:
+            r = va["robust_acc"]
+            best_robust = r if best_robust is None else max(best_robust, r)
+            if collapse_watch and best_robust - r > ROBUST_COLLAPSE_DROP:
+                stopped = (
+                    f"robust accuracy collapsed at epoch {epoch} ({r:.3f} vs best "
+                    f"{best_robust:.3f}): catastrophic overfitting"
+                )
+        if cfg.early_stopping and bad_epochs >= cfg.early_stopping and not stopped:
+            stopped = f"early stopping: no improvement for {bad_epochs} epochs"
+        msg = (
+            f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
+            f"val loss {va['loss']:.4f} acc {va['acc']:.3f}"
+        )
+        if adversarial:
+            msg += f" robust {va['robust_acc']:.3f}"
+        _say(msg + ("  *" if improved else ""), progress, ctx)
+        if ctx.is_main:
+            meta = {"classes": classes, "epoch": epoch, **row}
+            if improved:
+                models.save_checkpoint(
+                    best_pt, model, config=cfg.model_dump(mode="json"), metrics=meta
+                )
+            state_out = {
+                "epoch": epoch,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "scaler": stepper.scaler.state_dict() if stepper.scaler.is_enabled() else None,
+                "rng": _rng_state(),
+                "history": history,
+                "best_key": list(best_key) if best_key is not None else None,
+                "best_robust": best_robust,
+                "bad_epochs": bad_epochs,
+                "best_epoch": best_epoch,
+                "stopped": stopped,
+                "train_seconds": train_seconds,
+            }
+            models.save_checkpoint(
+                last_pt,
+                model,
+                config=cfg.model_dump(mode="json"),
+                metrics=meta,
+                extra={"train_state": state_out},
+            )
+            write_text(out / "metrics.csv", _metrics_csv(history))
+            _plot(history, out, cfg)
+        ctx.barrier()
+        if stopped:
+            _say(stopped, progress, ctx)
+
+    results: dict[str, Any] = {}
+    if ctx.is_main:
+        results = _finish(
+            cfg,
+            out,
+            classes,
+            history,
+            best_epoch=best_epoch,
+            stopped=stopped,
+            train_seconds=train_seconds,
+            t_start=t_start,
+            data=(train_d, val_d, test_d),
+            device=device,
+            adversarial=adversarial,
+            ctx=ctx,
+        )
+    ctx.barrier()
+    return results
+
+
+def _plot(history: list[dict[str, Any]], out: Path, cfg: TrainConfig) -> None:
+    from histoshield.training.plots import plot_accuracy
+
+    plot_accuracy(history, out / "accuracy.png", title=f"{cfg.model} ({cfg.weights})")
+
+
+def _train_epoch(
+    stepper: Stepper,
+    d: Data,
+    cfg: TrainConfig,
+    augment: Augment,
+    g_perm: torch.Generator,
+    g_aug: torch.Generator,
+    epoch: int,
+    show: bool,
+) -> dict[str, float]:
+    from tqdm import tqdm
+
+    ctx = stepper.ctx
+    stepper.raw.train()
+    order = D.shard(torch.randperm(len(d), generator=g_perm), ctx, pad=True)
+    order = order.to(d.x.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=stepper.device)  # loss*n, correct, n
+    n_batches = math.ceil(order.numel() / cfg.batch_size)
+    bar = tqdm(
+        total=n_batches,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not show,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    for b in range(n_batches):
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        x = _to_float(d.x[idx], stepper.device, stepper.channels_last)
+        y = d.y.to(d.x.device)[idx].to(stepper.device, non_blocking=True)
+        x = augment(x, g_aug)
+        loss, logits = stepper.step(x, y)
+        n = y.numel()
+        sums[0] += loss.double() * n
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += n
+        bar.update(1)
+        if show and b % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    ctx.all_reduce_sum(sums)
+    total = max(sums[2].item(), 1.0)
+    return {"loss": sums[0].item() / total, "acc": sums[1].item() / total}
+
+
+def _validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict[str, float]:
+    """Val loss/accuracy (and robust accuracy under `defense.perturb_val`), summed over ranks."""
+    ctx, model = stepper.ctx, stepper.raw
+    was = model.training
+    model.eval()
+    idx_all = D.shard(torch.arange(len(d)), ctx, pad=False).to(d.x.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=stepper.device)  # loss*n, ok, n, robust
+    bs = max(cfg.batch_size, 1)
+    for b in range(0, idx_all.numel(), bs):
+        idx = idx_all[b : b + bs]
+        x = _to_float(d.x[idx], stepper.device, stepper.channels_last)
+        y = d.y.to(d.x.device)[idx].to(stepper.device)
+        with torch.no_grad(), stepper.autocast():
+            logits = model(x).float()
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += y.numel()
+        if defense is not None:
+            with stepper.autocast():
+                x_adv = defense.perturb_val(model, x, y)
+            with torch.no_grad(), stepper.autocast():
+                sums[3] += (model(x_adv).argmax(1) == y).sum()
+            model.eval()
+    model.train(was)
+    ctx.all_reduce_sum(sums)
+    n = max(sums[2].item(), 1.0)
+    out = {"loss": sums[0].item() / n, "acc": sums[1].item() / n}
+    if defense is not None:
+        out["robust_acc"] = sums[3].item() / n
+    return out
+
+
+def evaluate_split(
+    model: nn.Module, d: Data, classes: list[str], device: torch.device
+) -> dict[str, Any]:
+    """classification_metrics of `model` on one in-memory split (patient accuracy included)."""
+    from histoshield.evaluation.metrics import classification_metrics
+    from histoshield.evaluation.predict import predict_proba
+
+    prob = predict_proba(model, d.x, batch_size=64, device=device)
+    pred = prob.argmax(1) if prob.numel() else torch.empty(0, dtype=torch.long)
+    patients = d.patients if d.patients and all(p is not None for p in d.patients) else None
+    return classification_metrics(
+        d.y.cpu(), pred, prob, patients=patients, positive=positive_index(classes)
+    )
+
+
+def _finish(
+    cfg: TrainConfig,
+    out: Path,
+    classes: list[str],
+    history: list[dict[str, Any]],
+    *,
+    best_epoch: int,
+    stopped: str | None,
+    train_seconds: float,
+    t_start: float,
+    data: tuple[Data, Data, Data],
+    device: torch.device,
+    adversarial: bool,
+    ctx: D.DistContext,
+) -> dict[str, Any]:
+    from histoshield import models
+
+    train_d, val_d, test_d = data
+    best = models.load_checkpoint(out / "best.pt").to(device)
+    results = {
+        "config": cfg.model_dump(mode="json"),
+        "classes": classes,
+        "positive": classes[positive_index(classes)],
+        "n": {"train": len(train_d), "val": len(val_d), "test": len(test_d)},
+        "world_size": ctx.world,
+        "device": str(device),
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "selected_by": "val_robust_acc" if adversarial else "val_acc",
+        "stopped": stopped,
+        "train_seconds": round(train_seconds, 3),
+        "wall_seconds": round(time.time() - t_start, 3),
+        "history": history,
+        "val": evaluate_split(best, val_d, classes, device),
+        "test": evaluate_split(best, test_d, classes, device),
+    }
+    write_json(out / "results.json", results)
+    return results
+
+
+def resolve_config(
+    config: str | Path | None = None, *, resume: str | Path | None = None, **overrides: Any
+) -> TrainConfig:
+    """TrainConfig from a YAML file (flat, or a study config's `train:` section), a run folder
+    being resumed (its config.yaml), and CLI overrides on top (None = not given)."""
+    import yaml
+    from pydantic import ValidationError
+
+    base: dict[str, Any] = {}
+    src: Path | None = None
+    if resume is not None:
+        src = Path(resume) / "config.yaml"
+        if not src.is_file():
+            raise HistoshieldError(f"cannot resume: {src} does not exist (is {resume} a run?)")
+    elif config is not None:
+        src = Path(config).expanduser()
+        if not src.is_file():
+            raise HistoshieldError(f"config file not found: {src} (pass an existing YAML file)")
+    if src is not None:
+        try:
+            loaded = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise HistoshieldError(f"config {src} is not valid YAML: {first}") from e
+        if not isinstance(loaded, dict):
+            raise HistoshieldError(f"config {src} must be a YAML mapping of settings")
+        if isinstance(loaded.get("train"), dict):
+            loaded = loaded["train"]  # a study config: its training section
+        base.update(loaded)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(base)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        at = f" in {src}" if src else ""
+        raise HistoshieldError(f"invalid setting {where}{at}: {err['msg']}") from None

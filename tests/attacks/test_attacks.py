@@ -1,0 +1,185 @@
+"""Constraints every attack must satisfy, targeting, budgets, EOT and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import histoshield.attacks as A
+from histoshield.errors import HistoshieldError
+
+from .conftest import tiny_cnn
+
+FAST = {
+    "fgsm": {},
+    "bim": {"steps": 3},
+    "pgd": {"steps": 3, "restarts": 2},
+    "pgd-l2": {"steps": 3},
+    "mifgsm": {"steps": 3},
+    "deepfool": {"steps": 5},
+    "cw-l2": {"steps": 15, "lr": 0.1, "c": 20.0},
+    "apgd-ce": {"steps": 5},
+    "apgd-margin": {"steps": 5},
+    "fab": {"steps": 3},
+    "square": {"max_queries": 80},
+    "autoattack-binary": {"steps": 3, "max_queries": 20},
+}
+
+
+def test_registry_lists_every_attack():
+    assert set(A.available()) == set(FAST)
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_constraints(name, model, batch):
+    x, y = batch
+    x0 = x.clone()
+    eps = 16 / 255 if A.REGISTRY[name].norm == "linf" else 2.0
+    model.train()
+    atk = A.create(name, model, eps=eps, seed=3, **FAST[name])
+    adv = atk(x, y)
+    assert model.training  # previous mode restored
+    model.eval()
+    assert torch.equal(x, x0)  # input untouched
+    assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
+    d = (adv - x).flatten(1)
+    if atk.norm == "linf":
+        assert d.abs().max() <= eps + 1e-6
+    else:
+        assert d.norm(dim=1).max() <= eps + 1e-5
+    again = A.create(name, model, eps=eps, seed=3, **FAST[name])(x, y)
+    assert torch.equal(adv, again)  # deterministic for a seed
+    with torch.no_grad():
+        fooled = int((model(adv).argmax(1) != y).sum())
+    assert fooled > 0, f"{name} fooled nothing at eps={eps}"
+
+
+def test_seed_changes_random_start(model, batch):
+    x, y = batch
+    a = A.run("pgd", model, x, y, eps=4 / 255, steps=1, seed=0)
+    b = A.run("pgd", model, x, y, eps=4 / 255, steps=1, seed=1)
+    assert not torch.equal(a, b)
+
+
+def test_batching_gives_same_result_for_deterministic_attack(model, batch):
+    x, y = batch
+    whole = A.run("bim", model, x, y, eps=4 / 255, steps=3)
+    parts = A.run("bim", model, x, y, eps=4 / 255, steps=3, batch_size=5)
+    assert torch.allclose(whole, parts, atol=1e-6)
+
+
+def test_success_grows_with_eps(model, batch):
+    x, y = batch
+    fooled = []
+    for eps in (0.25 / 255, 1 / 255, 4 / 255, 16 / 255):
+        adv = A.run("pgd", model, x, y, eps=eps, steps=5)
+        with torch.no_grad():
+            fooled.append(int((model(adv).argmax(1) != y).sum()))
+    assert fooled == sorted(fooled) and fooled[-1] > fooled[0]
+
+
+def test_targeted_reaches_target_more_often():
+    m = tiny_cnn(3, seed=2)
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    counts = torch.bincount(y, minlength=3)
+    target = int(counts.argmin())
+    keep = y != target
+    x, y = x[keep], y[keep]
+    eps = 2 / 255
+    tgt = A.run("pgd", m, x, y, eps=eps, steps=10, target=target)
+    unt = A.run("pgd", m, x, y, eps=eps, steps=10)
+    with torch.no_grad():
+        hit_t = int((m(tgt).argmax(1) == target).sum())
+        hit_u = int((m(unt).argmax(1) == target).sum())
+    assert hit_t > hit_u
+
+
+def test_square_counts_queries(model, batch):
+    x, y = batch
+    atk = A.create("square", model, eps=4 / 255, max_queries=25)
+    adv = atk(x, y)
+    q = atk.queries
+    assert q is not None and q.shape == (len(x),)
+    assert q.min() >= 1 and q.max() <= 25
+    with torch.no_grad():
+        fooled = model(adv).argmax(1) != y
+    assert bool((q[~fooled] == 25).all())  # survivors used the whole budget
+
+
+def test_autoattack_binary_at_least_as_strong_as_components(model, batch):
+    x, y = batch[0][:8], batch[1][:8]
+    eps = 4 / 255
+    params = {"steps": 3, "max_queries": 20}
+    aa = A.create("autoattack-binary", model, eps=eps, **params)
+    with torch.no_grad():
+        robust_aa = int((model(aa(x, y)).argmax(1) == y).sum())
+        for name in aa.components:
+            comp = aa.component(name)(x, y)
+            assert robust_aa <= int((model(comp).argmax(1) == y).sum()), name
+    assert aa.log[0]["batch"][0]["attack"] == "clean"
+
+
+class _Counting(nn.Module):
+    default_eot = 3
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x + 0.01 * torch.randn_like(x))
+
+
+def test_eot_default_from_model(model, batch):
+    x, y = batch
+    m = _Counting(model)
+    atk = A.create("pgd", m, eps=2 / 255, steps=4)
+    assert atk.eot == 3
+    atk(x, y)
+    assert m.calls == 4 * 3  # k steps × eot forwards, no bookkeeping forwards
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "cw-l2", "deepfool"])
+def test_no_parameter_gradients(name, batch):
+    x, y = batch
+    fresh = tiny_cnn(2)
+    A.run(name, fresh, x, y, eps=2 / 255, steps=2)
+    assert all(p.grad is None for p in fresh.parameters())
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("0,1/255,2/255,0.0314", [0, 1 / 255, 2 / 255, 0.0314]), ("8/255", [8 / 255])],
+)
+def test_parse_eps(text, expected):
+    assert A.parse_eps(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["abc", "1/0", "-1/255", "1,,2", "nan", ""])
+def test_parse_eps_rejects(text):
+    with pytest.raises(HistoshieldError):
+        A.parse_eps(text)
+
+
+def test_clear_errors(model, batch):
+    x, y = batch
+    with pytest.raises(HistoshieldError, match="unknown attack"):
+        A.create("nope", model)
+    with pytest.raises(HistoshieldError, match="does not take"):
+        A.create("fgsm", model, steps=3)
+    with pytest.raises(HistoshieldError, match="steps"):
+        A.create("pgd", model, steps=0)
+    with pytest.raises(HistoshieldError, match="eps"):
+        A.create("pgd", model, eps=-0.1)
+    with pytest.raises(HistoshieldError, match="unknown target class"):
+        A.create("pgd", model, target="tumour", classes=["benign", "malignant"])
+    with pytest.raises(HistoshieldError, match="equals the true label"):
+        A.run("fgsm", model, x, torch.ones_like(y), target=1)
+    named = A.create("fgsm", model, target="benign", classes=["benign", "malignant"])
+    assert named.target == 0
+    with pytest.raises(HistoshieldError, match=r"\[0,1\]"):
+        A.run("fgsm", model, x * 2, y)

@@ -1,0 +1,224 @@
+"""The one-command study: end to end on a tiny config, resume after a kill, configs, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+import histoshield.study as S
+from histoshield.config import StudyConfig
+from histoshield.errors import HistoshieldError
+from tests.report.numcheck import foreign_numbers
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "data": "synthetic:n=96,size=32,seed=1",
+    "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+    "curve_eps": [0, "4/255"],
+    "curve_attacks": ["fgsm", "pgd:steps=3"],
+    "certify": {"n0": 10, "n": 40, "limit": 8},
+    "batch_size": 32,
+}
+VOLATILE = {"seconds", "train_seconds", "wall_seconds", "timings", "total_seconds", "env", "time"}
+
+
+def _tiny(tmp: Path) -> Path:
+    p = tmp / "tiny.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return p
+
+
+def _stable(obj):
+    """results.json without timings and environment: what must not depend on interruptions."""
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HISTOSHIELD_CACHE", str(tmp_path_factory.getbasetemp() / "hs-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, cache_env) -> Path:
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = S.load_study_config(_tiny(tmp))
+    S.run_study(cfg, tmp / "run", progress=False)
+    return tmp / "run"
+
+
+def _rows(md: str, title: str) -> list[list[str]]:
+    lines = md.splitlines()
+    i = next(k for k, line in enumerate(lines) if title in line)
+    rows = []
+    for line in lines[i + 2 :]:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows[2:]
+
+
+def test_study_writes_report_with_the_papers_tables(tiny_run: Path) -> None:
+    md = (tiny_run / "report.md").read_text()
+    page = (tiny_run / "report.html").read_text()
+    results = json.loads((tiny_run / "results.json").read_text())
+    state = json.loads((tiny_run / "state.json").read_text())
+    assert state["finished"] == [s.name for s in S.build_stages(StudyConfig(**TINY))]
+    for f in ("config.yaml", "env.json", "split.csv", "original/best.pt", "gaussian/best.pt"):
+        assert (tiny_run / f).is_file(), f
+
+    # Table 1 equals the split file, counted independently
+    with open(tiny_run / "split.csv", newline="") as f:
+        split = list(csv.DictReader(f))
+    counts = Counter((r["label"], r["split"]) for r in split)
+    t1 = _rows(md, "Table 1.")
+    assert [r[0] for r in t1] == ["Benign", "Malignant", "Total"]
+    for row, label in zip(t1, ("benign", "malignant"), strict=False):
+        assert row[1:4] == [str(counts[label, s]) for s in ("train", "val", "test")]
+    assert t1[2][4] == str(len(split))
+
+    assert [r[0] for r in _rows(md, "Table 2.")] == ["original", "gaussian"]
+    t3 = _rows(md, "Table 3.")
+    assert [r[0] for r in t3] == ["original", "gaussian"]
+    n_mal = counts["malignant", "test"]
+    assert all(r[1].endswith(f"/{n_mal}") and r[3].endswith(f"/{n_mal}") for r in t3)
+    curves = _rows(md, "Robustness curves (adversarial accuracy)")
+    assert {(r[0], r[1]) for r in curves} == {
+        (m, a) for m in ("original", "gaussian") for a in TINY["curve_attacks"]
+    }
+    # eps = 0 is the clean accuracy, so the curve's first column equals Table 2's accuracy
+    t2 = {r[0]: r[2] for r in _rows(md, "Table 2.")}
+    assert all(r[2] == t2[r[0]] for r in curves)
+    assert _rows(md, "Certified accuracy (L2")
+    assert _rows(md, "Transfer attacks")[0][:2] == ["original", "gaussian"]
+    assert "## Sanity-check warnings" in md and results["sanity"]
+    assert "## Methods" in md and "The paper does not report its eps" in md
+    assert page.count('src="data:image/png;base64,') == 5  # figures 4, 5, 6, curves, certified
+
+    # every number in report.md is one stored in results.json
+    assert foreign_numbers(md, results) == []
+
+
+def test_table3_counts_agree_with_stored_fractions(tiny_run: Path) -> None:
+    r = json.loads((tiny_run / "results.json").read_text())
+    t3 = r["table3"]
+    assert t3["eps_255"] == 2.0 and t3["only"] == "malignant"
+    for row in t3["rows"].values():
+        assert row["adversarial_accuracy"] == pytest.approx(row["adv_correct"] / row["n"])
+        assert row["clean_accuracy"] == pytest.approx(row["clean_correct"] / row["n"])
+        assert row["adv_correct"] <= row["n"]
+    for c in r["curves"]:
+        assert c["adversarial_accuracy"] == pytest.approx(c["adv_correct"] / c["n"])
+        if c["eps"] == 0:
+            assert c["adv_correct"] == c["clean_correct"]
+    assert set(r["timings"]) == set(json.loads((tiny_run / "state.json").read_text())["finished"])
+
+
+def test_kill_during_training_then_resume_equals_uninterrupted(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_env
+) -> None:
+    cfg_file = _tiny(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histoshield", "study", "--config", str(cfg_file), "--out",
+         str(out), "--quiet"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (out / "original" / "last.pt").is_file():
+            assert proc.poll() is None, "the study ended before its first epoch was saved"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    state = json.loads((out / "state.json").read_text())
+    assert "train_original" not in state["finished"]  # killed inside training
+
+    # second interruption, between stages this time: the transfer stage fails once
+    def boom(ctx):
+        raise KeyboardInterrupt
+
+    real_transfer = S._stage_transfer
+    monkeypatch.setattr(S, "_stage_transfer", boom)
+    cfg = S.load_study_config(cfg_file)
+    with pytest.raises(KeyboardInterrupt):
+        S.run_study(cfg, out, resume=True, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert state["finished"][-1] == "curves" and "transfer" not in state["finished"]
+    monkeypatch.setattr(S, "_stage_transfer", real_transfer)
+
+    S.run_study(cfg, out, resume=True, progress=False)
+    resumed = json.loads((out / "results.json").read_text())
+    full = json.loads((tiny_run / "results.json").read_text())
+    assert _stable(resumed) == _stable(full)
+    assert (out / "report.html").is_file()
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_run: Path) -> None:
+    cfg = S.load_study_config(_tiny(tiny_run.parent))
+    with pytest.raises(HistoshieldError, match="--resume"):
+        S.run_study(cfg, tiny_run, progress=False)
+    other = cfg.model_copy(update={"seed": 99})
+    with pytest.raises(HistoshieldError, match="different config"):
+        S.run_study(other, tiny_run, resume=True, progress=False)
+    # resuming a finished study runs nothing and changes no number
+    before = json.loads((tiny_run / "results.json").read_text())
+    S.run_study(cfg, tiny_run, resume=True, progress=False)
+    after = json.loads((tiny_run / "results.json").read_text())
+    assert _stable(before) == _stable(after) and before["timings"] == after["timings"]
+
+
+def test_unknown_only_class_is_a_clear_error(tmp_path: Path, cache_env) -> None:
+    cfg = StudyConfig(**{**TINY, "only": "lymphoma"})
+    with pytest.raises(HistoshieldError, match="only: 'lymphoma' is not a class"):
+        S.run_study(cfg, tmp_path / "run", progress=False)
+
+
+def test_shipped_configs_load_and_match_the_top_level_copies() -> None:
+    presets = S.shipped_configs()
+    assert set(presets) >= {"default", "cpu", "paper"}
+    for name, path in presets.items():
+        cfg = S.load_study_config(name)
+        assert cfg.table3_eps > 0 and cfg.curve_eps[0] == 0
+        top = REPO / "configs" / f"{name}.yaml"
+        assert top.read_text() == path.read_text()
+    d = S.load_study_config(None)
+    assert d.data == "synthetic" and d.train.model == "smallcnn"
+    assert S.load_study_config("cpu").extra_defenses[0].startswith("pgd-at")
+    paper = S.load_study_config("paper")
+    assert (paper.train.model, paper.train.weights, paper.train.image_size) == (
+        "densenet121", "xrv", 224)
+    assert (paper.train.epochs, paper.train.batch_size, paper.train.lr) == (400, 32, 1e-3)
+
+
+def test_config_errors_are_one_line() -> None:
+    with pytest.raises(HistoshieldError, match="config file not found"):
+        S.load_study_config("nope.yaml")
+    with pytest.raises(HistoshieldError, match="table3_eps"):
+        S.load_study_config(None, table3_eps="2/0")
+    with pytest.raises(HistoshieldError, match="bad attack spec"):
+        S.parse_attack_spec("pgd:steps")
+    assert S.parse_attack_spec("pgd:steps=10,eps=2/255,rand=false") == (
+        "pgd", {"steps": 10, "eps": 2 / 255, "rand": False})
