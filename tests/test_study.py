@@ -209,7 +209,10 @@ def test_shipped_configs_load_and_match_the_top_level_copies() -> None:
     assert S.load_study_config("cpu").extra_defenses[0].startswith("pgd-at")
     paper = S.load_study_config("paper")
     assert (paper.train.model, paper.train.weights, paper.train.image_size) == (
-        "densenet121", "xrv", 224)
+        "densenet121",
+        "xrv",
+        224,
+    )
     assert (paper.train.epochs, paper.train.batch_size, paper.train.lr) == (400, 32, 1e-3)
 
 
@@ -221,4 +224,6 @@ def test_config_errors_are_one_line() -> None:
     with pytest.raises(HistoshieldError, match="bad attack spec"):
         S.parse_attack_spec("pgd:steps")
     assert S.parse_attack_spec("pgd:steps=10,eps=2/255,rand=false") == (
-        "pgd", {"steps": 10, "eps": 2 / 255, "rand": False})
+        "pgd",
+        {"steps": 10, "eps": 2 / 255, "rand": False},
+    )

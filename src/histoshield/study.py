@@ -40,8 +40,11 @@ def shipped_configs() -> dict[str, Path]:
     from importlib import resources
 
     folder = resources.files("histoshield") / "configs"
-    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir()
-            if p.name.endswith(".yaml")}
+    return {
+        p.name.removesuffix(".yaml"): Path(str(p))
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml")
+    }
 
 
 def load_study_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
@@ -121,8 +124,11 @@ def build_stages(cfg: StudyConfig) -> list[Stage]:
     ]
     for slug, spec in zip(defense_slugs(cfg), cfg.extra_defenses, strict=True):
         stages.append(Stage(f"train_{slug}", lambda c, s=slug, d=spec: _stage_train(c, s, d)))
-    stages += [Stage("clean", _stage_clean), Stage("table3", _stage_table3),
-               Stage("curves", _stage_curves)]
+    stages += [
+        Stage("clean", _stage_clean),
+        Stage("table3", _stage_table3),
+        Stage("curves", _stage_curves),
+    ]
     if cfg.transfer:
         stages.append(Stage("transfer", _stage_transfer))
     if cfg.certify.enabled:
@@ -155,8 +161,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise HistoshieldError(f"cannot read {path} ({e}); start again with --overwrite") from e
 
 
-OWNED = ("state.json", "results.json", "config.yaml", "env.json", "split.csv", "report.md",
-         "report.html", "certify.json", "figures", "examples")
+OWNED = (
+    "state.json",
+    "results.json",
+    "config.yaml",
+    "env.json",
+    "split.csv",
+    "report.md",
+    "report.html",
+    "certify.json",
+    "figures",
+    "examples",
+)
 
 
 def _clear(out: Path, cfg: StudyConfig) -> None:
@@ -252,8 +268,9 @@ def _test_data(ctx: Context) -> dict[str, Any]:
         recs = iset.subset("test")
         if not recs:
             raise HistoshieldError(f"the split {ctx.out / 'split.csv'} has no test images")
-        arr = load_arrays(recs, ctx.cfg.train.image_size, cache_dir=ctx.cfg.train.cache_dir,
-                          progress=ctx.progress)
+        arr = load_arrays(
+            recs, ctx.cfg.train.image_size, cache_dir=ctx.cfg.train.cache_dir, progress=ctx.progress
+        )
         classes = iset.classes
         ctx.cache["test"] = {
             "records": recs,
@@ -330,8 +347,9 @@ def _value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _attack(ctx: Context, spec: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-            eps: float) -> torch.Tensor:
+def _attack(
+    ctx: Context, spec: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+) -> torch.Tensor:
     from histoshield import attacks
 
     if eps == 0:
@@ -339,8 +357,7 @@ def _attack(ctx: Context, spec: str, model: torch.nn.Module, x: torch.Tensor, y:
     name, params = parse_attack_spec(spec)
     params.setdefault("seed", ctx.cfg.seed)
     params.setdefault("batch_size", ctx.cfg.batch_size)
-    return attacks.run(name, model, x.to(ctx.device), y.to(ctx.device), eps=eps,
-                       **params).cpu()
+    return attacks.run(name, model, x.to(ctx.device), y.to(ctx.device), eps=eps, **params).cpu()
 
 
 def _wilson(k: int, n: int) -> list[float] | None:
@@ -381,12 +398,15 @@ def _stage_split(ctx: Context) -> dict[str, Any]:
     patients = None
     if all(r.patient for r in split.records):
         patients = {
-            c: {s: len({r.patient for r in split.records if r.label == c and r.split == s})
-                for s in SPLITS}
+            c: {
+                s: len({r.patient for r in split.records if r.label == c and r.split == s})
+                for s in SPLITS
+            }
             for c in split.classes
         }
-        patients["total"] = {s: len({r.patient for r in split.records if r.split == s})
-                             for s in SPLITS}
+        patients["total"] = {
+            s: len({r.patient for r in split.records if r.split == s}) for s in SPLITS
+        }
     data = {
         "source": cfg.data,
         "layout": iset.layout,
@@ -420,8 +440,10 @@ def _stage_train(ctx: Context, name: str, defense_spec: str | None) -> dict[str,
         "run_dir": name,
         "defense": defense_spec,
         "adversarial": bool(getattr(defense, "adversarial", False)),
-        "train": {k: res.get(k) for k in ("epochs_run", "best_epoch", "selected_by", "stopped",
-                                          "train_seconds")},
+        "train": {
+            k: res.get(k)
+            for k in ("epochs_run", "best_epoch", "selected_by", "stopped", "train_seconds")
+        },
         "val": res.get("val"),
     }
     out: dict[str, Any] = {"models": {name: info}}
@@ -435,8 +457,9 @@ def _figure4(ctx: Context) -> dict[str, Any]:
     from histoshield.data.arrays import load_arrays
 
     rec = _split_set(ctx).subset("train")[0]
-    img = load_arrays([rec], ctx.cfg.train.image_size, cache_dir=ctx.cfg.train.cache_dir,
-                      progress=False)[0]
+    img = load_arrays(
+        [rec], ctx.cfg.train.image_size, cache_dir=ctx.cfg.train.cache_dir, progress=False
+    )[0]
     gen = torch.Generator().manual_seed(ctx.cfg.seed)
     x = torch.from_numpy(img).float() / 255.0
     noisy = (x + ctx.cfg.gaussian_sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
@@ -452,8 +475,13 @@ def _stage_clean(ctx: Context) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for name in ctx.model_names:
         prob = _predict(ctx, _model(ctx, name), d["x"])
-        m = classification_metrics(d["y"].numpy(), prob.argmax(1).numpy(), prob.numpy(),
-                                   patients=d["patients"], positive=_positive(d["classes"]))
+        m = classification_metrics(
+            d["y"].numpy(),
+            prob.argmax(1).numpy(),
+            prob.numpy(),
+            patients=d["patients"],
+            positive=_positive(d["classes"]),
+        )
         models[name] = {"clean": m}
     ctx.echo(tables.table2_clean({"models": models}).to_markdown())
     return {"models": models}
@@ -490,8 +518,13 @@ def _stage_table3(ctx: Context) -> dict[str, Any]:
         }
         if name == ORIGINAL and n:
             fig6 = _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes)
-    t3 = {"attack": cfg.table3_attack, "eps": cfg.table3_eps, "eps_255": _eps_255(cfg.table3_eps),
-          "only": cfg.only, "rows": rows}
+    t3 = {
+        "attack": cfg.table3_attack,
+        "eps": cfg.table3_eps,
+        "eps_255": _eps_255(cfg.table3_eps),
+        "only": cfg.only,
+        "rows": rows,
+    }
     ctx.echo(tables.table3_attack({"table3": t3}).to_markdown())
     return {"table3": t3, **fig6}
 
@@ -500,15 +533,24 @@ def _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes) -> dict[str, Any]:
     """Figure 6's data: the first attacked image whose prediction the attack flipped."""
     flipped = (p_clean.argmax(1) == y) & (p_adv.argmax(1) != y)
     i = int(torch.nonzero(flipped).flatten()[0]) if bool(flipped.any()) else 0
-    _save_npz(ctx.out / "examples" / "figure6.npz", original=x[i].numpy(),
-              adversarial=adv[i].numpy())
+    _save_npz(
+        ctx.out / "examples" / "figure6.npz", original=x[i].numpy(), adversarial=adv[i].numpy()
+    )
     pc, pa = int(p_clean[i].argmax()), int(p_adv[i].argmax())
-    return {"figure6": {
-        "model": ORIGINAL, "attack": ctx.cfg.table3_attack, "eps": ctx.cfg.table3_eps,
-        "eps_255": _eps_255(ctx.cfg.table3_eps), "index": int(idx[i]),
-        "true": classes[int(y[i])], "pred_clean": classes[pc], "prob_clean": float(p_clean[i, pc]),
-        "pred_adv": classes[pa], "prob_adv": float(p_adv[i, pa]),
-    }}
+    return {
+        "figure6": {
+            "model": ORIGINAL,
+            "attack": ctx.cfg.table3_attack,
+            "eps": ctx.cfg.table3_eps,
+            "eps_255": _eps_255(ctx.cfg.table3_eps),
+            "index": int(idx[i]),
+            "true": classes[int(y[i])],
+            "pred_clean": classes[pc],
+            "prob_clean": float(p_clean[i, pc]),
+            "pred_adv": classes[pa],
+            "prob_adv": float(p_adv[i, pa]),
+        }
+    }
 
 
 def _curve_attacks(cfg: StudyConfig) -> list[str]:
@@ -532,13 +574,22 @@ def _stage_curves(ctx: Context) -> dict[str, Any]:
                     ctx.cache[f"adv:{spec}:{eps}"] = adv  # reused by the transfer stage
                 n, k = len(y), int(ok.sum())
                 k0 = int(correct0.sum())
-                rows.append({
-                    "model": name, "attack": spec, "eps": eps, "eps_255": _eps_255(eps), "n": n,
-                    "clean_correct": k0, "adv_correct": k, "clean_accuracy": k0 / n, "adversarial_accuracy": k / n,
-                    "adversarial_accuracy_ci": _wilson(k, n),
-                    "success_rate": (int((correct0 & ~ok).sum()) / k0) if k0 else None,
-                    "seconds": round(time.perf_counter() - t0, 3),
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "attack": spec,
+                        "eps": eps,
+                        "eps_255": _eps_255(eps),
+                        "n": n,
+                        "clean_correct": k0,
+                        "adv_correct": k,
+                        "clean_accuracy": k0 / n,
+                        "adversarial_accuracy": k / n,
+                        "adversarial_accuracy_ci": _wilson(k, n),
+                        "success_rate": (int((correct0 & ~ok).sum()) / k0) if k0 else None,
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    }
+                )
     return {"curves": rows, "curve_eps_255": [_eps_255(e) for e in cfg.curve_eps]}
 
 
@@ -558,12 +609,19 @@ def _stage_transfer(ctx: Context) -> dict[str, Any]:
             k_src = int((_predict(ctx, source, adv).argmax(1) == y).sum())
             for target in ctx.model_names[1:]:
                 k = int((_predict(ctx, _model(ctx, target), adv).argmax(1) == y).sum())
-                rows.append({
-                    "source": ORIGINAL, "target": target, "attack": spec, "eps": eps,
-                    "eps_255": _eps_255(eps), "n": len(y), "source_accuracy": k_src / len(y),
-                    "adversarial_accuracy": k / len(y),
-                    "adversarial_accuracy_ci": _wilson(k, len(y)),
-                })
+                rows.append(
+                    {
+                        "source": ORIGINAL,
+                        "target": target,
+                        "attack": spec,
+                        "eps": eps,
+                        "eps_255": _eps_255(eps),
+                        "n": len(y),
+                        "source_accuracy": k_src / len(y),
+                        "adversarial_accuracy": k / len(y),
+                        "adversarial_accuracy_ci": _wilson(k, len(y)),
+                    }
+                )
     return {"transfer": rows}
 
 
@@ -578,9 +636,19 @@ def _stage_certify(ctx: Context) -> dict[str, Any]:
         keep = torch.linspace(0, len(x) - 1, c.limit).round().long().unique()
         x, y = x[keep], y[keep]
     sigma = c.sigma if c.sigma is not None else ctx.cfg.gaussian_sigma
-    res = certify_images(_model(ctx, GAUSSIAN), x, y, sigma=sigma, n0=c.n0, n=c.n,
-                         alpha=c.alpha, batch=c.batch, seed=ctx.cfg.seed, device=ctx.device,
-                         progress=ctx.progress)
+    res = certify_images(
+        _model(ctx, GAUSSIAN),
+        x,
+        y,
+        sigma=sigma,
+        n0=c.n0,
+        n=c.n,
+        alpha=c.alpha,
+        batch=c.batch,
+        seed=ctx.cfg.seed,
+        device=ctx.device,
+        progress=ctx.progress,
+    )
     write_json(ctx.out / "certify.json", res)
     summary = {k: v for k, v in res.items() if k != "rows"}
     summary["model"] = GAUSSIAN
@@ -601,9 +669,17 @@ def _stage_sanity(ctx: Context) -> dict[str, Any]:
             if len(rows) < 2:
                 continue
             attack, params = parse_attack_spec(spec)
-            checks = run_checks(model, d["x"], d["y"], rows, attack=attack, params=params,
-                                classes=d["classes"], batch_size=ctx.cfg.batch_size,
-                                seed=ctx.cfg.seed)
+            checks = run_checks(
+                model,
+                d["x"],
+                d["y"],
+                rows,
+                attack=attack,
+                params=params,
+                classes=d["classes"],
+                batch_size=ctx.cfg.batch_size,
+                seed=ctx.cfg.seed,
+            )
             out += [{"model": name, "attack": spec, **c} for c in checks]
     for c in out:
         if not c["passed"]:

@@ -14,7 +14,9 @@ from histoshield import models
 from histoshield.errors import HistoshieldError
 from histoshield.models import weights as W
 
-OFFLINE = ["smallcnn", "resnet18", "efficientnet_lite0", "densenet121", "timm:resnet10t"]
+# densenet121 is checked more cheaply below (and with xrv weights in test_xrv.py): it is the
+# slowest backbone on CPU.
+OFFLINE = ["smallcnn", "resnet18", "efficientnet_lite0", "timm:resnet10t"]
 
 
 @pytest.mark.parametrize("name", OFFLINE)
@@ -37,6 +39,16 @@ def test_contract_any_size_logits_and_input_gradients(name: str) -> None:
         trained = model(x)
     assert torch.equal(again, logits.detach())
     assert not torch.allclose(trained, again)
+
+
+def test_densenet121_contract() -> None:
+    model = models.create("densenet121", image_size=32).eval()
+    assert model.backbone.features.conv0.in_channels == 3
+    x = torch.rand(1, 3, 40, 40, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (1, 2)
+    logits[0, 1].backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_available_and_default_classes() -> None:

@@ -64,10 +64,19 @@ def test_xrv_pickled_file_is_refused_then_converted_and_matches_xrv_features(
     ref.eval()
     assert model.backbone.op_threshs is None
     assert model.backbone.classifier.out_features == 2
-    grey = torch.rand(2, 1, 64, 64)
+    grey = torch.rand(2, 1, 48, 48)
     with torch.no_grad():
         theirs = ref.features((2 * grey - 1) * 1024)  # xrv.datasets.normalize on [0,1]
-        ours = model.backbone.features(model.preprocess(grey.repeat(1, 3, 1, 1)))
-        logits = model(grey.repeat(1, 3, 1, 1))
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
-    assert logits.shape == (2, 2)
+    rgb = grey.repeat(1, 3, 1, 1).requires_grad_(True)
+    ours = model.backbone.features(model.preprocess(rgb))
+    torch.testing.assert_close(
+        ours.detach(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max())
+    )
+    # the whole wrapper: logits for 2 classes, and attack gradients reach the pixels
+    logits = model.backbone.classifier(
+        torch.nn.functional.adaptive_avg_pool2d(torch.relu(ours), 1).flatten(1)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(rgb), rtol=1e-5, atol=1e-5)
+    logits[:, 1].sum().backward()
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0

@@ -22,55 +22,161 @@ def _results() -> dict:
         for attack in ("fgsm", "pgd"):
             for e255, a in zip((0.0, 2.0, 8.0), accs, strict=True):
                 acc = a if attack == "fgsm" or e255 == 0 else a * 0.9
-                curves.append({"model": model, "attack": attack, "eps": e255 / 255,
-                               "eps_255": e255, "n": 40, "adversarial_accuracy": acc,
-                               "adversarial_accuracy_ci": [max(0.0, acc - 0.1),
-                                                           min(1.0, acc + 0.08)]})
-    clean = {"n": 40, "accuracy": 0.925, "accuracy_ci": [0.801, 0.9742], "tp": 19, "tn": 18,
-             "fp": 2, "fn": 1, "sensitivity": 0.95, "specificity": 0.9, "precision": 0.9047,
-             "f1": 0.9268, "balanced_accuracy": 0.925, "auc": 0.9731, "patient_accuracy": 0.9166}
+                curves.append(
+                    {
+                        "model": model,
+                        "attack": attack,
+                        "eps": e255 / 255,
+                        "eps_255": e255,
+                        "n": 40,
+                        "adversarial_accuracy": acc,
+                        "adversarial_accuracy_ci": [max(0.0, acc - 0.1), min(1.0, acc + 0.08)],
+                    }
+                )
+    clean = {
+        "n": 40,
+        "accuracy": 0.925,
+        "accuracy_ci": [0.801, 0.9742],
+        "tp": 19,
+        "tn": 18,
+        "fp": 2,
+        "fn": 1,
+        "sensitivity": 0.95,
+        "specificity": 0.9,
+        "precision": 0.9047,
+        "f1": 0.9268,
+        "balanced_accuracy": 0.925,
+        "auc": 0.9731,
+        "patient_accuracy": 0.9166,
+    }
     return {
         "name": "fixture",
-        "config": {"seed": 7, "gaussian_sigma": 0.1, "curve_attacks": ["fgsm", "pgd:steps=5"],
-                   "extra_attacks": [], "extra_defenses": [],
-                   "train": {"model": "smallcnn", "weights": "none", "image_size": 48,
-                             "optimizer": "adam", "lr": 0.001, "batch_size": 32, "epochs": 3}},
-        "env": {"histoshield": "0.1.0", "python": "3.11.9", "torch": "2.14.1", "device": "cpu",
-                "cpu_count": 2, "torch_threads": 2, "platform": "Linux-6.1-x86_64"},
-        "data": {"source": "synthetic", "layout": "synthetic", "n": 400, "split_by": "patient",
-                 "classes": ["benign", "malignant"],
-                 "split": {"benign": {"train": 160, "val": 20, "test": 20, "total": 200},
-                           "malignant": {"train": 161, "val": 19, "test": 20, "total": 200},
-                           "total": {"train": 321, "val": 39, "test": 40, "total": 400}},
-                 "patients_per_split": {"benign": {"train": 8, "val": 1, "test": 1},
-                                        "malignant": {"train": 9, "val": 2, "test": 2}}},
-        "models": {"original": {"clean": clean, "run_dir": "original"},
-                   "gaussian": {"clean": {**clean, "accuracy": 0.9}, "run_dir": "gaussian"}},
-        "table3": {"attack": "fgsm", "eps": 2 / 255, "eps_255": 2.0, "only": "malignant",
-                   "rows": {"original": {"n": 91, "clean_correct": 90, "adv_correct": 10,
-                                         "clean_accuracy": 90 / 91, "adversarial_accuracy": 10 / 91,
-                                         "adversarial_accuracy_ci": [0.06, 0.19]},
-                            "gaussian": {"n": 91, "clean_correct": 88, "adv_correct": 25,
-                                         "clean_accuracy": 88 / 91, "adversarial_accuracy": 25 / 91,
-                                         "adversarial_accuracy_ci": [0.19, 0.37]}}},
+        "config": {
+            "seed": 7,
+            "gaussian_sigma": 0.1,
+            "curve_attacks": ["fgsm", "pgd:steps=5"],
+            "extra_attacks": [],
+            "extra_defenses": [],
+            "train": {
+                "model": "smallcnn",
+                "weights": "none",
+                "image_size": 48,
+                "optimizer": "adam",
+                "lr": 0.001,
+                "batch_size": 32,
+                "epochs": 3,
+            },
+        },
+        "env": {
+            "histoshield": "0.1.0",
+            "python": "3.11.9",
+            "torch": "2.14.1",
+            "device": "cpu",
+            "cpu_count": 2,
+            "torch_threads": 2,
+            "platform": "Linux-6.1-x86_64",
+        },
+        "data": {
+            "source": "synthetic",
+            "layout": "synthetic",
+            "n": 400,
+            "split_by": "patient",
+            "classes": ["benign", "malignant"],
+            "split": {
+                "benign": {"train": 160, "val": 20, "test": 20, "total": 200},
+                "malignant": {"train": 161, "val": 19, "test": 20, "total": 200},
+                "total": {"train": 321, "val": 39, "test": 40, "total": 400},
+            },
+            "patients_per_split": {
+                "benign": {"train": 8, "val": 1, "test": 1},
+                "malignant": {"train": 9, "val": 2, "test": 2},
+            },
+        },
+        "models": {
+            "original": {"clean": clean, "run_dir": "original"},
+            "gaussian": {"clean": {**clean, "accuracy": 0.9}, "run_dir": "gaussian"},
+        },
+        "table3": {
+            "attack": "fgsm",
+            "eps": 2 / 255,
+            "eps_255": 2.0,
+            "only": "malignant",
+            "rows": {
+                "original": {
+                    "n": 91,
+                    "clean_correct": 90,
+                    "adv_correct": 10,
+                    "clean_accuracy": 90 / 91,
+                    "adversarial_accuracy": 10 / 91,
+                    "adversarial_accuracy_ci": [0.06, 0.19],
+                },
+                "gaussian": {
+                    "n": 91,
+                    "clean_correct": 88,
+                    "adv_correct": 25,
+                    "clean_accuracy": 88 / 91,
+                    "adversarial_accuracy": 25 / 91,
+                    "adversarial_accuracy_ci": [0.19, 0.37],
+                },
+            },
+        },
         "curve_eps_255": [0.0, 2.0, 8.0],
         "curves": curves,
-        "transfer": [{"source": "original", "target": "gaussian", "attack": "pgd", "eps": 8 / 255,
-                      "eps_255": 8.0, "n": 40, "source_accuracy": 0.108,
-                      "adversarial_accuracy": 0.55, "adversarial_accuracy_ci": [0.4, 0.69]}],
-        "certified": {"model": "gaussian", "sigma": 0.1, "n0": 20, "n": 100, "alpha": 0.001,
-                      "n_images": 40, "abstain": 3, "smoothed_accuracy": 0.875,
-                      "curve": [{"radius": 0.0, "certified_accuracy": 0.8},
-                                {"radius": 0.05, "certified_accuracy": 0.55},
-                                {"radius": 0.25, "certified_accuracy": 0.0}]},
-        "sanity": [{"model": "gaussian", "attack": "pgd", "check": "monotone", "passed": True,
-                    "detail": ""},
-                   {"model": "gaussian", "attack": "fgsm", "check": "unbounded_eps",
-                    "passed": False, "detail": "possible gradient masking: accuracy stays high"}],
+        "transfer": [
+            {
+                "source": "original",
+                "target": "gaussian",
+                "attack": "pgd",
+                "eps": 8 / 255,
+                "eps_255": 8.0,
+                "n": 40,
+                "source_accuracy": 0.108,
+                "adversarial_accuracy": 0.55,
+                "adversarial_accuracy_ci": [0.4, 0.69],
+            }
+        ],
+        "certified": {
+            "model": "gaussian",
+            "sigma": 0.1,
+            "n0": 20,
+            "n": 100,
+            "alpha": 0.001,
+            "n_images": 40,
+            "abstain": 3,
+            "smoothed_accuracy": 0.875,
+            "curve": [
+                {"radius": 0.0, "certified_accuracy": 0.8},
+                {"radius": 0.05, "certified_accuracy": 0.55},
+                {"radius": 0.25, "certified_accuracy": 0.0},
+            ],
+        },
+        "sanity": [
+            {
+                "model": "gaussian",
+                "attack": "pgd",
+                "check": "monotone",
+                "passed": True,
+                "detail": "",
+            },
+            {
+                "model": "gaussian",
+                "attack": "fgsm",
+                "check": "unbounded_eps",
+                "passed": False,
+                "detail": "possible gradient masking: accuracy stays high",
+            },
+        ],
         "figure4": {"sigma": 0.1},
-        "figure6": {"model": "original", "attack": "fgsm", "eps_255": 2.0, "true": "malignant",
-                    "pred_clean": "malignant", "prob_clean": 0.97, "pred_adv": "benign",
-                    "prob_adv": 0.88},
+        "figure6": {
+            "model": "original",
+            "attack": "fgsm",
+            "eps_255": 2.0,
+            "true": "malignant",
+            "pred_clean": "malignant",
+            "prob_clean": 0.97,
+            "pred_adv": "benign",
+            "prob_adv": 0.88,
+        },
         "timings": {"split": 0.4, "train_original": 12.25, "report": 1.5},
         "total_seconds": 14.15,
     }
@@ -85,8 +191,11 @@ def run_dir(tmp_path: Path) -> Path:
     noisy = np.clip(img / 255 + rng.normal(0, 0.1, img.shape), 0, 1)
     (tmp_path / "examples").mkdir()
     np.savez(tmp_path / "examples/figure4.npz", image=img, noisy=noisy)
-    np.savez(tmp_path / "examples/figure6.npz", original=img / 255,
-             adversarial=np.clip(img / 255 + 2 / 255, 0, 1))
+    np.savez(
+        tmp_path / "examples/figure6.npz",
+        original=img / 255,
+        adversarial=np.clip(img / 255 + 2 / 255, 0, 1),
+    )
     for name in ("original", "gaussian"):
         (tmp_path / name).mkdir()
         with open(tmp_path / name / "metrics.csv", "w", newline="") as f:
@@ -101,7 +210,7 @@ def _table_rows(md: str, title: str) -> list[list[str]]:
     lines = md.splitlines()
     i = next(k for k, line in enumerate(lines) if title in line)
     rows = []
-    for line in lines[i + 2:]:
+    for line in lines[i + 2 :]:
         if not line.startswith("|"):
             if rows:
                 break
@@ -126,8 +235,9 @@ def test_report_tables_have_the_expected_rows(run_dir: Path) -> None:
     assert t3[0][2] == f"{100 * 90 / 91:.2f}%" and t3[0][4] == f"{100 * 10 / 91:.2f}%"
     curves = _table_rows(md, "Robustness curves (adversarial accuracy)")
     assert len(curves) == 4  # 2 models × 2 attacks
-    assert {(r[0], r[1]) for r in curves} == {(m, a) for m in ("original", "gaussian")
-                                              for a in ("fgsm", "pgd")}
+    assert {(r[0], r[1]) for r in curves} == {
+        (m, a) for m in ("original", "gaussian") for a in ("fgsm", "pgd")
+    }
     cert = _table_rows(md, "Certified accuracy (L2")
     assert [r[0] for r in cert] == ["0.00", "0.05", "0.25"]
     assert "eps = 2/255" in md and "does not state its eps" in md
@@ -152,8 +262,13 @@ def test_html_is_self_contained_with_all_figures(run_dir: Path) -> None:
     assert len(srcs) == 5  # figures 4, 5, 6, curves, certified
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<link" not in page and "<script" not in page
-    for name in ("figure4_noise", "figure5_accuracy", "figure6_adversarial",
-                 "robustness_curves", "certified_accuracy"):
+    for name in (
+        "figure4_noise",
+        "figure5_accuracy",
+        "figure6_adversarial",
+        "robustness_curves",
+        "certified_accuracy",
+    ):
         png = run_dir / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Sanity-check warnings" in page and "possible gradient masking" in page

@@ -1,4 +1,4 @@
-"""Report figures (matplotlib, Agg): drawn from results.json, metrics.csv and saved example arrays."""
+"""Report figures (matplotlib, Agg), drawn from results.json, metrics.csv and saved examples."""
 
 from __future__ import annotations
 
@@ -148,8 +148,15 @@ def robustness_curves(curves: list[dict[str, Any]], path: Path) -> Path:
         x = [r["eps_255"] for r in rows]
         y = [r["adversarial_accuracy"] for r in rows]
         c = colors[models.index(m) % len(colors)]
-        ax.plot(x, y, styles[attacks.index(a) % len(styles)], color=c, marker="o", ms=3,
-                label=f"{m} / {a}")
+        ax.plot(
+            x,
+            y,
+            styles[attacks.index(a) % len(styles)],
+            color=c,
+            marker="o",
+            ms=3,
+            label=f"{m} / {a}",
+        )
         cis = [r.get("adversarial_accuracy_ci") for r in rows]
         if all(ci and None not in ci for ci in cis):
             ax.fill_between(x, [ci[0] for ci in cis], [ci[1] for ci in cis], color=c, alpha=0.12)
@@ -166,8 +173,13 @@ def certified_curve(certified: dict[str, Any], path: Path) -> Path:
     """Certified accuracy vs L2 radius of the smoothed model."""
     pts = certified.get("curve", [])
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    ax.step([p["radius"] for p in pts], [p["certified_accuracy"] for p in pts], where="post",
-            marker="o", ms=3)
+    ax.step(
+        [p["radius"] for p in pts],
+        [p["certified_accuracy"] for p in pts],
+        where="post",
+        marker="o",
+        ms=3,
+    )
     ax.set_xlabel("L2 radius (pixel units)")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1.02)

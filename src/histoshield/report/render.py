@@ -56,8 +56,9 @@ def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
     f4 = results.get("figure4")
     if f4 and (ex_dir / "figure4.npz").is_file():
         z = np.load(ex_dir / "figure4.npz")
-        out["figure4"] = F.figure4_noise(z["image"], z["noisy"], f4["sigma"],
-                                         fig_dir / "figure4_noise.png")
+        out["figure4"] = F.figure4_noise(
+            z["image"], z["noisy"], f4["sigma"], fig_dir / "figure4_noise.png"
+        )
     histories = {}
     for name, info in results.get("models", {}).items():
         rd = info.get("run_dir")
@@ -75,15 +76,19 @@ def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
             f"adversarial: {f6['pred_adv']} ({T.pct(f6['prob_adv'])})",
             "perturbation (amplified)",
         ]
-        title = (f"Figure 6. {str(f6.get('attack', 'fgsm')).upper()} eps = {T.eps_label(f6)} "
-                 f"on '{f6['model']}' (true: {f6['true']})")
-        out["figure6"] = F.figure6_adversarial(z["original"], z["adversarial"], caps, title,
-                                               fig_dir / "figure6_adversarial.png")
+        title = (
+            f"Figure 6. {str(f6.get('attack', 'fgsm')).upper()} eps = {T.eps_label(f6)} "
+            f"on '{f6['model']}' (true: {f6['true']})"
+        )
+        out["figure6"] = F.figure6_adversarial(
+            z["original"], z["adversarial"], caps, title, fig_dir / "figure6_adversarial.png"
+        )
     if results.get("curves"):
         out["curves"] = F.robustness_curves(results["curves"], fig_dir / "robustness_curves.png")
     if results.get("certified", {}).get("curve"):
-        out["certified"] = F.certified_curve(results["certified"],
-                                             fig_dir / "certified_accuracy.png")
+        out["certified"] = F.certified_curve(
+            results["certified"], fig_dir / "certified_accuracy.png"
+        )
     return out
 
 
@@ -131,8 +136,8 @@ def _methods(r: dict[str, Any]) -> list[str]:
         "(validation robust accuracy for adversarial defenses).",
         f"Gaussian-noise defense: the same settings with N(0, σ²) noise, σ = "
         f"{cfg.get('gaussian_sigma')}, added to each training batch in [0, 1] and clipped.",
-        f"Table 3 attack: {str(t3.get('attack', 'fgsm')).upper()}, eps = {T.eps_label(t3)} in pixel "
-        "units (L∞), on the test images of class "
+        f"Table 3 attack: {str(t3.get('attack', 'fgsm')).upper()}, eps = {T.eps_label(t3)} "
+        "in pixel units (L∞), on the test images of class "
         f"{t3.get('only') or 'any'}. The paper does not report its eps.",
         "Robustness curves: eps = "
         + ", ".join(f"{e:g}/255" for e in r.get("curve_eps_255", []))
@@ -148,16 +153,25 @@ def _methods(r: dict[str, Any]) -> list[str]:
         )
     versions = ", ".join(
         f"{k} {env[k]}"
-        for k in ("histoshield", "python", "torch", "torchvision", "timm", "torchattacks",
-                  "sklearn")
+        for k in (
+            "histoshield",
+            "python",
+            "torch",
+            "torchvision",
+            "timm",
+            "torchattacks",
+            "sklearn",
+        )
         if env.get(k)
     )
     lines.append(f"Software: {versions}.")
     hw = f"device {env.get('device', '?')}"
     if env.get("gpu"):
         hw += f" ({env['gpu']})"
-    hw += (f", {T.count(env.get('cpu_count'))} CPU cores, "
-           f"{T.count(env.get('torch_threads'))} torch threads; {env.get('platform', '?')}")
+    hw += (
+        f", {T.count(env.get('cpu_count'))} CPU cores, "
+        f"{T.count(env.get('torch_threads'))} torch threads; {env.get('platform', '?')}"
+    )
     lines.append(f"Hardware: {hw}.")
     if r.get("total_seconds") is not None:
         lines.append(f"Total time: {T.num(r['total_seconds'], 1)} s (per stage below).")
@@ -170,6 +184,7 @@ def _methods(r: dict[str, Any]) -> list[str]:
 
 def report_blocks(r: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> list[Block]:
     """The report as an ordered list of blocks (shared by the Markdown and HTML writers)."""
+
     def fig(key: str, caption: str) -> list[Block]:
         return [("fig", figs[key], caption)] if key in figs else []
 
@@ -254,6 +269,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     figs = make_figures(run_dir, r)
     blocks = report_blocks(r, figs, run_dir)
     md = write_text(run_dir / "report.md", to_markdown(blocks, run_dir))
-    page = write_text(run_dir / "report.html", to_html(blocks, f"histoshield study: "
-                                                       f"{r.get('name', 'study')}"))
+    page = write_text(
+        run_dir / "report.html", to_html(blocks, f"histoshield study: {r.get('name', 'study')}")
+    )
     return md, page

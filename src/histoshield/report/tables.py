@@ -164,8 +164,14 @@ def table2_clean(results: dict[str, Any]) -> Table:
 def table3_attack(results: dict[str, Any]) -> Table:
     """Table 3: the paper's protocol — correct counts on the attacked subset before and after."""
     t3 = results.get("table3", {})
-    headers = ["Model", "Clean: correct / n", "Clean accuracy", "Attacked: correct / n",
-               "Attacked accuracy", "95% CI (attacked)"]
+    headers = [
+        "Model",
+        "Clean: correct / n",
+        "Clean accuracy",
+        "Attacked: correct / n",
+        "Attacked accuracy",
+        "95% CI (attacked)",
+    ]
     rows = []
     for name, r in t3.get("rows", {}).items():
         n = count(r.get("n"))
@@ -181,8 +187,8 @@ def table3_attack(results: dict[str, Any]) -> Table:
         )
     subset = t3.get("only") or "all"
     note = (
-        f"{str(t3.get('attack', 'fgsm')).upper()} at eps = {eps_label(t3)} on {subset} test images. "
-        "The paper does not state its eps; this one is the study's configured value."
+        f"{str(t3.get('attack', 'fgsm')).upper()} at eps = {eps_label(t3)} on {subset} test "
+        "images. The paper does not state its eps; this one is the study's configured value."
     )
     return Table("Table 3. Attack on the test images", headers, rows, note)
 
@@ -205,14 +211,27 @@ def curve_table(results: dict[str, Any]) -> Table:
     note = "Adversarial accuracy on the test images (eps in pixel units, L∞)"
     if len(n) == 1:
         note += f"; n = {count(n.pop())} per cell"
-    return Table("Robustness curves (adversarial accuracy)", headers, rows, note + ".",
-                 align=["l", "l"] + ["r"] * len(eps_sorted))
+    return Table(
+        "Robustness curves (adversarial accuracy)",
+        headers,
+        rows,
+        note + ".",
+        align=["l", "l"] + ["r"] * len(eps_sorted),
+    )
 
 
 def transfer_table(results: dict[str, Any]) -> Table:
     """Transfer attacks: crafted on the source model, evaluated on each target."""
-    headers = ["Crafted on", "Evaluated on", "Attack", "eps", "n", "Source acc.", "Target acc.",
-               "95% CI (target)"]
+    headers = [
+        "Crafted on",
+        "Evaluated on",
+        "Attack",
+        "eps",
+        "n",
+        "Source acc.",
+        "Target acc.",
+        "95% CI (target)",
+    ]
     rows = [
         [
             r.get("source", "?"),
@@ -226,8 +245,9 @@ def transfer_table(results: dict[str, Any]) -> Table:
         ]
         for r in results.get("transfer", [])
     ]
-    return Table("Transfer attacks (gray-box)", headers, rows,
-                 align=["l", "l", "l", "r", "r", "r", "r", "r"])
+    return Table(
+        "Transfer attacks (gray-box)", headers, rows, align=["l", "l", "l", "r", "r", "r", "r", "r"]
+    )
 
 
 def certified_table(results: dict[str, Any]) -> Table:
@@ -240,8 +260,9 @@ def certified_table(results: dict[str, Any]) -> Table:
         f"on {count(c.get('n_images'))} test images; abstained on {count(c.get('abstain'))}; "
         f"smoothed clean accuracy {pct(c.get('smoothed_accuracy'))}."
     )
-    return Table("Certified accuracy (L2 radius, pixel units)", ["Radius", "Certified accuracy"],
-                 rows, note)
+    return Table(
+        "Certified accuracy (L2 radius, pixel units)", ["Radius", "Certified accuracy"], rows, note
+    )
 
 
 def timings_table(results: dict[str, Any]) -> Table:

@@ -111,3 +111,11 @@ def broadcast_parameters(model: torch.nn.Module, ctx: DistContext) -> None:
         return
     for t in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(t.data, src=0)
+
+
+def broadcast_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats drift apart per shard)."""
+    if not ctx.distributed:
+        return
+    for t in model.buffers():
+        dist.broadcast(t.data, src=0)

@@ -545,6 +545,7 @@ def _train_epoch(
 def _validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict[str, float]:
     """Val loss/accuracy (and robust accuracy under `defense.perturb_val`), summed over ranks."""
     ctx, model = stepper.ctx, stepper.raw
+    D.broadcast_buffers(model, ctx)  # validate (and save) with rank 0's BatchNorm statistics
     was = model.training
     model.eval()
     idx_all = D.shard(torch.arange(len(d)), ctx, pad=False).to(d.x.device)

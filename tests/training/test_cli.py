@@ -1,0 +1,100 @@
+"""`histoshield train / evaluate / predict` end to end; bad input gives one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from histoshield import cli
+from histoshield.data import read_split
+
+
+def _run(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["histoshield", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One tiny trained run shared by the CLI tests."""
+    return tmp_path_factory.mktemp("cli") / "run"
+
+
+def test_train_evaluate_predict(run_dir: Path, monkeypatch, capsys) -> None:
+    code, out, err = _run(
+        ["train", "--data", "synthetic:n=64,size=32", "--model", "smallcnn", "--epochs", "2",
+         "--image-size", "32", "--batch-size", "16", "--seed", "1", "--out", str(run_dir)],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"run {run_dir}" in out and "test accuracy" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config"]["seed"] == 1 and results["epochs_run"] == 2
+
+    code, out, err = _run(
+        ["evaluate", "--checkpoint", str(run_dir / "best.pt"), "--split",
+         str(run_dir / "split.csv"), "--json"], monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    m = json.loads(out)
+    keys = {"n", "accuracy", "accuracy_ci", "tp", "tn", "fp", "fn", "sensitivity",
+            "specificity", "auc", "patient_accuracy"}  # fmt: skip
+    assert keys <= set(m)
+    # Same model, same test images: the CLI agrees with the training run's own test metrics.
+    for k in ("n", "accuracy", "tp", "tn", "fp", "fn"):
+        assert m[k] == results["test"][k], k
+    assert m["tp"] + m["tn"] + m["fp"] + m["fn"] == m["n"]
+
+    code, out, _ = _run(
+        ["evaluate", "-c", str(run_dir / "best.pt"), "--only", "malignant"], monkeypatch, capsys
+    )
+    assert code == 0 and "confusion matrix" in out and "sensitivity" in out
+    n_mal = sum(r.label == "malignant" for r in read_split(run_dir / "split.csv").subset("test"))
+    assert f"n={n_mal}" in out
+
+    img = [r.path for r in read_split(run_dir / "split.csv").subset("test")][:2]
+    code, out, err = _run(
+        ["predict", *map(str, img), "--checkpoint", str(run_dir / "best.pt"), "--json"],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    preds = json.loads(out)
+    assert [p["image"] for p in preds] == [str(p) for p in img]
+    for p in preds:
+        assert p["class"] in ("benign", "malignant")
+        assert p["probability"] == max(p["probabilities"].values())
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--model", "no-such-net", "--data", "synthetic:n=16,size=32"], "no-such-net"),
+        (["train", "--split", "/nonexistent/split.csv"], "split file not found"),
+        (["train", "--image-size", "16"], "image_size"),
+        (["train", "--resume"], "cannot resume"),
+        (["evaluate", "--checkpoint", "/nonexistent/best.pt"], "checkpoint not found"),
+        (["predict", "/nonexistent.png", "--checkpoint", "/nonexistent/best.pt"], "not found"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, monkeypatch, capsys) -> None:
+    if argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path / "r")]
+    code, _, err = _run(argv, monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
+
+
+def test_only_unknown_class(run_dir: Path, monkeypatch, capsys) -> None:
+    if not (run_dir / "best.pt").is_file():
+        pytest.skip("needs the trained run of test_train_evaluate_predict")
+    code, _, err = _run(
+        ["evaluate", "-c", str(run_dir / "best.pt"), "--only", "tumour"], monkeypatch, capsys
+    )
+    assert code == 2 and "tumour" in err and err.count("\n") == 1
