@@ -8,7 +8,9 @@ import numpy as np
 from PIL import Image
 
 
-def write_image(path: Path, *, value: int = 128, size: int = 8, mode: str = "RGB", fmt=None) -> Path:
+def write_image(
+    path: Path, *, value: int = 128, size: int = 8, mode: str = "RGB", fmt=None
+) -> Path:
     """Write a small image whose pixels differ with `value` (so contents are distinct)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(value)

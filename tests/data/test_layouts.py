@@ -134,7 +134,11 @@ def test_manifest_without_optional_columns_fills_from_breakhis_names(tmp_path: P
     write_image(tmp_path / "SOB_M_PC-14-9146-40-001.png", value=2)
     csv_path = _manifest(
         tmp_path,
-        ["path,label", "SOB_B_PT-14-22704-400-028.png,benign", "SOB_M_PC-14-9146-40-001.png,malignant"],
+        [
+            "path,label",
+            "SOB_B_PT-14-22704-400-028.png,benign",
+            "SOB_M_PC-14-9146-40-001.png,malignant",
+        ],
         name="list.csv",
     )
     ims = load_imageset(csv_path)
@@ -294,7 +298,9 @@ def test_same_content_in_two_classes(class_tree: Path) -> None:
     assert sum("same content" in p for p in ims.problems) == 2
     # Identical copies within one class are kept but noted (they could leak across splits).
     dup.unlink()
-    (class_tree / "benign" / "copy.png").write_bytes((class_tree / "benign" / "b0.png").read_bytes())
+    (class_tree / "benign" / "copy.png").write_bytes(
+        (class_tree / "benign" / "b0.png").read_bytes()
+    )
     ims = load_imageset(class_tree)
     assert len(ims.records) == 7 and any("identical copies" in p for p in ims.problems)
 

@@ -1,4 +1,4 @@
-"""The synthetic default: deterministic, both classes, H&E-like colours, learnable but not trivial."""
+"""The synthetic default: deterministic, both classes, H&E-like colours, not trivially easy."""
 
 from __future__ import annotations
 

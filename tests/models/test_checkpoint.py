@@ -84,6 +84,18 @@ def test_load_needs_no_pretrained_weight_files(
         assert torch.equal(back(x), model(x))
 
 
+def test_load_does_not_need_the_local_weights_file_either(tmp_path: Path) -> None:
+    torch.save(models.create("smallcnn").backbone.state_dict(), tmp_path / "init.pt")
+    model = models.create("smallcnn", weights=str(tmp_path / "init.pt")).eval()
+    models.save_checkpoint(tmp_path / "c.pt", model)
+    (tmp_path / "init.pt").unlink()
+    back = models.load_checkpoint(tmp_path / "c.pt")
+    assert back.weights == str(tmp_path / "init.pt")
+    x = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
 class _Evil:
     """Unpickling this creates a file: the proof that arbitrary code ran."""
 

@@ -148,9 +148,13 @@ def test_resolve_config_flat_study_and_overrides(tmp_path: Path) -> None:
     c = resolve_config(flat, epochs=2, lr=None)
     assert (c.model, c.epochs, c.lr) == ("resnet18", 2, 0.01)
     study = tmp_path / "study.yaml"
-    study.write_text("name: paper\ntrain:\n  model: densenet121\n  weights: xrv\n  epochs: 400\n")
+    study.write_text(
+        "name: paper\ndata: tiles.csv\nseed: 3\nonly: malignant\n"
+        "train:\n  model: densenet121\n  weights: xrv\n  epochs: 400\n  seed: 4\n"
+    )
     c = resolve_config(study, image_size=64)
     assert (c.model, c.weights, c.epochs, c.image_size) == ("densenet121", "xrv", 400, 64)
+    assert (c.data, c.seed) == ("tiles.csv", 4)  # study-wide data; train section wins
     with pytest.raises(HistoshieldError, match="image_size"):
         resolve_config(flat, image_size=16)
     bad = tmp_path / "bad.yaml"

@@ -126,8 +126,8 @@ def _plan(n: int, seed: int) -> tuple[list[str], list[str], np.ndarray]:
         pid[:n_pat] = np.arange(n_pat)[: min(n_pat, count)]  # every patient has a tile
         pid = np.sort(pid)
         # Patients differ in grade too (some benign lesions look atypical, some carcinomas bland).
-        pat_grade = rng.normal(0.3 if cls == "b" else 0.7, 0.07, n_pat)
-        g = pat_grade[pid] + rng.normal(0, 0.13, count)
+        pat_grade = rng.normal(0.3 if cls == "b" else 0.7, 0.05, n_pat)
+        g = pat_grade[pid] + rng.normal(0, 0.1, count)
         grades[start : start + count] = np.clip(g, 0.0, 1.0)
         patients += [f"syn{cls}{p:03d}" for p in pid]
     return labels, patients, grades

@@ -130,7 +130,8 @@ class StainNorm(nn.Module):
                 f"unknown stain_norm {method!r}: use one of {', '.join(METHODS)}"
             )
         self.method = method
-        self.register_buffer("fitted", torch.tensor(method == "none"))
+        # uint8, not bool: DDP broadcasts buffers and every backend handles uint8.
+        self.register_buffer("fitted", torch.tensor(int(method == "none"), dtype=torch.uint8))
         if method == "reinhard":
             self.register_buffer("ref_mean", torch.zeros(3))
             self.register_buffer("ref_std", torch.ones(3))
@@ -160,7 +161,7 @@ class StainNorm(nn.Module):
             conc = _concentrations(he, od.double().T)
             self.ref_he.copy_(he.float())
             self.ref_maxc.copy_(torch.quantile(conc, 0.99, dim=1).clamp_min(1e-3).float())
-        self.fitted.fill_(True)
+        self.fitted.fill_(1)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -657,7 +657,10 @@ def resolve_config(
         if not isinstance(loaded, dict):
             raise HistoshieldError(f"config {src} must be a YAML mapping of settings")
         if isinstance(loaded.get("train"), dict):
-            loaded = loaded["train"]  # a study config: its training section
+            # A study config: its `train:` section, plus the study-wide settings that are also
+            # training settings (data, seed, split_by, ...) so the run matches the study's.
+            shared = {k: v for k, v in loaded.items() if k in TrainConfig.model_fields}
+            loaded = {**shared, **loaded["train"]}
         base.update(loaded)
     base.update({k: v for k, v in overrides.items() if v is not None})
     try:
