@@ -157,6 +157,7 @@ class StudyConfig(Strict):
     transfer: bool = True
     certify: CertifyConfig = Field(default_factory=CertifyConfig)
     sanity: bool = True
+    sanity_limit: int | None = Field(32, ge=1)  # test images the self-checks attack (None = all)
     batch_size: int = Field(64, ge=1)  # evaluation / attack batch
 
     @field_validator("table3_eps", mode="before")

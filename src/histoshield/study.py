@@ -360,6 +360,15 @@ def _attack(
     return attacks.run(name, model, x.to(ctx.device), y.to(ctx.device), eps=eps, **params).cpu()
 
 
+def _evenly(x: torch.Tensor, y: torch.Tensor, limit: int | None):
+    """At most `limit` images, evenly spaced: keeps every class when the split lists them in
+    blocks (a plain prefix would hold benign images only)."""
+    if limit is None or len(x) <= limit:
+        return x, y
+    keep = torch.linspace(0, len(x) - 1, limit).round().long().unique()
+    return x[keep], y[keep]
+
+
 def _wilson(k: int, n: int) -> list[float] | None:
     from histoshield.evaluation.metrics import wilson_ci
 
@@ -630,11 +639,7 @@ def _stage_certify(ctx: Context) -> dict[str, Any]:
 
     c = ctx.cfg.certify
     d = _test_data(ctx)
-    x, y = d["x"], d["y"]
-    if c.limit is not None and len(x) > c.limit:
-        # an evenly spaced subset keeps both classes when the split lists them in blocks
-        keep = torch.linspace(0, len(x) - 1, c.limit).round().long().unique()
-        x, y = x[keep], y[keep]
+    x, y = _evenly(d["x"], d["y"], c.limit)
     sigma = c.sigma if c.sigma is not None else ctx.cfg.gaussian_sigma
     res = certify_images(
         _model(ctx, GAUSSIAN),
@@ -660,6 +665,7 @@ def _stage_sanity(ctx: Context) -> dict[str, Any]:
     from histoshield.evaluation.sanity import run_checks
 
     d = _test_data(ctx)
+    x, y = _evenly(d["x"], d["y"], ctx.cfg.sanity_limit)
     curves = ctx.results.get("curves", [])
     out = []
     for name in ctx.model_names:
@@ -671,8 +677,8 @@ def _stage_sanity(ctx: Context) -> dict[str, Any]:
             attack, params = parse_attack_spec(spec)
             checks = run_checks(
                 model,
-                d["x"],
-                d["y"],
+                x,
+                y,
                 rows,
                 attack=attack,
                 params=params,

@@ -54,7 +54,7 @@ class _Problems:
     def note(self, what: str, *, fatal_when_raising: bool = False) -> None:
         """A dataset-level issue; some of them stop a strict load."""
         if fatal_when_raising and self.on_bad == "raise":
-            raise HistoshieldError(f"{what}; {_SKIP_HINT}")
+            raise HistoshieldError(f"{what}; or pass --skip-bad to go on without it")
         self.items.append(what)
 
 

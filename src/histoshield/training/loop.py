@@ -201,6 +201,8 @@ class Stepper:
         self.defense = defense
         self.ctx = ctx or D.DistContext(device=device)
         self.channels_last = device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels
         self.amp_dtype: torch.dtype | None = None
         if amp and device.type == "cuda":
             bf16 = torch.cuda.is_bf16_supported()
@@ -356,7 +358,8 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if device.type == "cuda" and len(train_d) * train_d.x[0].numel() < 4 * 2**30:
-        train_d.x, val_d.x = train_d.x.to(device), val_d.x.to(device)
+        for d in (train_d, val_d):  # small enough: keep the uint8 images on the GPU
+            d.x, d.y = d.x.to(device), d.y.to(device)
     opt = make_optimizer(cfg, model.parameters())
     sched = make_scheduler(cfg, opt)
 
@@ -526,7 +529,7 @@ def _train_epoch(
     for b in range(n_batches):
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         x = _to_float(d.x[idx], stepper.device, stepper.channels_last)
-        y = d.y.to(d.x.device)[idx].to(stepper.device, non_blocking=True)
+        y = d.y[idx].to(stepper.device, non_blocking=True)
         x = augment(x, g_aug)
         loss, logits = stepper.step(x, y)
         n = y.numel()
@@ -554,7 +557,7 @@ def _validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict
     for b in range(0, idx_all.numel(), bs):
         idx = idx_all[b : b + bs]
         x = _to_float(d.x[idx], stepper.device, stepper.channels_last)
-        y = d.y.to(d.x.device)[idx].to(stepper.device)
+        y = d.y[idx].to(stepper.device)
         with torch.no_grad(), stepper.autocast():
             logits = model(x).float()
         sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
