@@ -227,3 +227,15 @@ def test_config_errors_are_one_line() -> None:
         "pgd",
         {"steps": 10, "eps": 2 / 255, "rand": False},
     )
+
+
+def test_cli_study_reports_bad_config_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histoshield.cli import app
+
+    res = CliRunner().invoke(app, ["study", "--config", str(tmp_path / "no.yaml")])
+    assert isinstance(res.exception, HistoshieldError)
+    assert "config file not found" in str(res.exception)
+    res = CliRunner().invoke(app, ["study", "--help"])
+    assert res.exit_code == 0 and "--resume" in res.output

@@ -58,6 +58,14 @@ def test_train_evaluate_predict(run_dir: Path, monkeypatch, capsys) -> None:
     n_mal = sum(r.label == "malignant" for r in read_split(run_dir / "split.csv").subset("test"))
     assert f"n={n_mal}" in out
 
+    code, out, err = _run(
+        ["evaluate", "-c", str(run_dir / "best.pt"), "--purify", "median:k=3", "--json"],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    pm = json.loads(out)
+    assert pm["purify"] == "median:k=3" and pm["n"] == m["n"]
+
     img = [r.path for r in read_split(run_dir / "split.csv").subset("test")][:2]
     code, out, err = _run(
         ["predict", *map(str, img), "--checkpoint", str(run_dir / "best.pt"), "--json"],

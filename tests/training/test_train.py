@@ -191,3 +191,16 @@ def test_adversarial_defense_selects_on_robust_accuracy(tmp_path: Path) -> None:
     best = max(rows, key=lambda r: (float(r["val_robust_acc"]), float(r["val_acc"]),
                                     -float(r["val_loss"])))  # fmt: skip
     assert res["best_epoch"] == int(best["epoch"]) and res["selected_by"] == "val_robust_acc"
+
+
+def test_stain_norm_is_fitted_on_training_images(tmp_path: Path) -> None:
+    cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=1, stain_norm="reinhard")
+    train(cfg, tmp_path / "stain", progress=False)
+    m = models.load_checkpoint(tmp_path / "stain" / "best.pt")
+    assert int(m.stain.fitted) == 1 and m.stain_norm == "reinhard"
+    # The reference equals a fit on the same training images (all of them: fewer than the cap).
+    recs = read_split(tmp_path / "stain" / "split.csv").subset("train")
+    ref = models.create("smallcnn", image_size=32, stain_norm="reinhard")
+    ref.fit_stain(to_float(load_arrays(recs, 32, progress=False)))
+    torch.testing.assert_close(m.stain.ref_mean, ref.stain.ref_mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.stain.ref_std, ref.stain.ref_std, atol=1e-4, rtol=1e-4)

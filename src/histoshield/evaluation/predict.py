@@ -113,11 +113,11 @@ def evaluate_checkpoint(
     if not records:
         raise HistoshieldError(f"no images to evaluate in subset {used!r}" +
                                (f" with label {only!r}" if only else ""))  # fmt: skip
+    size = model.image_size or 224  # None = the backbone takes any size; decode at 224
     if purify:
         from histoshield.defenses import purify as purify_mod
 
         model = purify_mod.wrap(model, purify)
-    size = getattr(model, "image_size", None) or _image_size_of(model)
     x = to_float(load_arrays(records, size, progress=False))
     y = labels_of(records, classes)
     prob = predict_proba(model, x, batch_size=batch_size, device=dev)
@@ -141,14 +141,6 @@ def evaluate_checkpoint(
     }
 
 
-def _image_size_of(model: nn.Module) -> int:
-    inner = getattr(model, "model", None) or getattr(model, "inner", None)
-    size = getattr(inner, "image_size", None)
-    if not size:
-        raise HistoshieldError("cannot tell the model's image size; use a histoshield checkpoint")
-    return int(size)
-
-
 def predict_images(
     images: list[str | Path], checkpoint: str | Path, *, device: str = "auto"
 ) -> list[dict[str, Any]]:
@@ -162,7 +154,7 @@ def predict_images(
     if missing:
         raise HistoshieldError(f"image not found: {missing[0]} (pass existing image files)")
     model = _load_model(checkpoint, dev)
-    size = model.image_size
+    size = model.image_size or 224
     arr = np.stack([read_rgb(p, size) for p in paths])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
     prob = predict_proba(model, x, device=dev)

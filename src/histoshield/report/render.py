@@ -143,6 +143,13 @@ def _methods(r: dict[str, Any]) -> list[str]:
         + ", ".join(f"{e:g}/255" for e in r.get("curve_eps_255", []))
         + f"; attacks: {', '.join(cfg.get('curve_attacks', []) + cfg.get('extra_attacks', []))}.",
     ]
+    if r.get("sanity"):
+        lim = cfg.get("sanity_limit")
+        lines.append(
+            "Sanity checks (attack suite self-checks) on "
+            + (f"at most {T.count(lim)}" if lim else "all")
+            + " test images per model and attack."
+        )
     if cfg.get("extra_defenses"):
         lines.append(f"Extra defenses: {', '.join(cfg['extra_defenses'])}.")
     if cert:
