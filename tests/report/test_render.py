@@ -120,6 +120,7 @@ def _results() -> dict:
                 },
             },
         },
+        "baseline": {"class": "malignant", "accuracy": 0.55},
         "curve_eps_255": [0.0, 2.0, 8.0],
         "curves": curves,
         "transfer": [
@@ -230,6 +231,7 @@ def test_report_tables_have_the_expected_rows(run_dir: Path) -> None:
     assert [r[0] for r in t2] == ["original", "gaussian"]
     assert t2[0][2] == "92.50%" and t2[1][2] == "90.00%"
     assert t2[0][3] == "[80.10, 97.42]"
+    assert "Majority-class baseline (always 'malignant'): 55.00% accuracy." in md
     t3 = _table_rows(md, "Table 3.")
     assert t3[0][1] == "90/91" and t3[0][3] == "10/91"
     assert t3[0][2] == f"{100 * 90 / 91:.2f}%" and t3[0][4] == f"{100 * 10 / 91:.2f}%"

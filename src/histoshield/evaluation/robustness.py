@@ -410,7 +410,7 @@ def attack_checkpoint(
 
     from histoshield.attacks import parse_eps
     from histoshield.data import labels_of, load_arrays, to_float
-    from histoshield.evaluation.predict import _image_size_of, _load_model, _records_for
+    from histoshield.evaluation.predict import _load_model, _records_for
     from histoshield.runtime import (
         environment,
         pick_device,
@@ -426,6 +426,7 @@ def attack_checkpoint(
     dev = pick_device(device)
     model = _load_model(checkpoint, dev)
     classes = list(model.classes)
+    size = getattr(model, "image_size", None) or 224  # None: any size works; decode at 224
     other = _load_model(transfer_to, dev) if transfer_to is not None else None
     if other is not None and list(other.classes) != classes:
         raise HistoshieldError(
@@ -451,7 +452,6 @@ def attack_checkpoint(
     records = [records[i] for i in keep.tolist()]
     if not records:
         raise HistoshieldError(f"no images to attack in subset {used!r}")
-    size = getattr(model, "image_size", None) or _image_size_of(model)
     x = to_float(load_arrays(records, size, progress=progress))
     y = y_all[keep]
     if out is None:

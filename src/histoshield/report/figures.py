@@ -123,7 +123,7 @@ def figure6_adversarial(
     d = a - o
     m = float(np.abs(d).max())
     amp = 0.5 + 0.5 * d / m if m > 0 else np.full_like(d, 0.5)
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.1))
     for ax, im, cap in zip(axes, (o, a, amp), captions, strict=False):
         ax.imshow(np.clip(im, 0, 1), interpolation="nearest")
         ax.set_xticks([])

@@ -158,6 +158,12 @@ def table2_clean(results: dict[str, Any]) -> Table:
             ]
         )
     note = "Positive class = malignant. Patient-level accuracy = mean over test patients."
+    base = results.get("baseline")
+    if base and base.get("accuracy") is not None:
+        note += (
+            f" Majority-class baseline (always '{base.get('class')}'): "
+            f"{pct(base['accuracy'])} accuracy."
+        )
     return Table("Table 2. Clean test performance", headers, rows, note)
 
 
