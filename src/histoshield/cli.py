@@ -315,16 +315,34 @@ def study(
     from histoshield.study import load_study_config, run_study
 
     cfg = load_study_config(config, data=data, seed=seed)
-    run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet,
-              echo=None if quiet else typer.echo)
+    echo = None if quiet else typer.echo
+    run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
     if quiet:
         typer.echo(f"report: {out}/report.html")
 
 
-def main() -> None:
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input prints one line and exits 2, never a traceback."""
     try:
-        app()
+        # Not standalone, so usage errors reach us as exceptions and print as one line too.
+        code = app(args=argv, prog_name="histoshield", standalone_mode=False)
     except HistoshieldError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code)
+    except typer.TyperException as e:  # click's usage errors: unknown option, bad value, ...
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare command: its help is the answer
+            typer.echo(e.format_message(), nl=False)
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        _fail(e.format_message() + hint, getattr(e, "exit_code", 2))
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
+        _fail("interrupted (Ctrl-C); finished outputs are kept, train/study can --resume", 130)
+    if isinstance(code, int) and code:
+        sys.exit(code)

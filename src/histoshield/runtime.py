@@ -17,12 +17,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from histoshield.errors import HistoshieldError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temp file in the target folder, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise HistoshieldError(f"cannot write {path}: it is a folder; pass a file path instead")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise HistoshieldError(
+            f"cannot write {path}: part of its folder path is an existing file; choose another"
+        ) from None
+    except OSError as e:  # e.g. a read-only folder
+        raise HistoshieldError(
+            f"cannot write {path}: {e.strerror or e}; choose a writable location"
+        ) from None
     os.close(fd)
     try:
         write(Path(tmp))
@@ -71,10 +84,23 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' → cuda when present, else cpu; anything else is passed to torch.device."""
+    """'auto' → cuda when present, else cpu; anything else must name a device that exists here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HistoshieldError(
+            f"unknown device {device!r}: use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise HistoshieldError(
+                f"device {device!r} is not available here ({n} CUDA device(s)); "
+                "use --device auto or cpu"
+            )
+    return dev
 
 
 def _git_commit() -> str | None:

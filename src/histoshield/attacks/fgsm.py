@@ -16,10 +16,12 @@ class FGSM(Attack):
     """Fast Gradient Sign Method (single step, L∞)."""
 
     name = "fgsm"
+    output_in_ball = True  # |eps·sign(g)| <= eps and the clip keeps it in [0,1]
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """One signed-gradient step of size eps."""
         grad, _ = self.input_grad(x, y, t)
         self.record_grad(grad)
         # The targeted objective is -J(x, t), so ascending it is the paper's "minus" step.
-        return (x + self.eps * grad.sign()).clamp_(0.0, 1.0)
+        # In place on our own gradient buffer: one fused add, one clip, no temporaries.
+        return torch.add(x, grad.sign_(), alpha=self.eps).clamp_(0.0, 1.0)

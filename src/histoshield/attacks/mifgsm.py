@@ -15,6 +15,7 @@ class MIFGSM(Attack):
     """Momentum iterative FGSM (L∞); momentum makes it transfer better between models."""
 
     name = "mifgsm"
+    output_in_ball = True  # every step ends with the eps-ball ∩ [0,1] clamp
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class MIFGSM(Attack):
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """Accumulate L1-normalised gradients with momentum and step along their sign."""
+        box = self.linf_box(x)
         adv = x.clone()
         momentum = torch.zeros_like(x)
         for k in range(self.steps):
@@ -41,6 +43,5 @@ class MIFGSM(Attack):
                 self.record_grad(grad)
             grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
             momentum = self.decay * momentum + grad
-            adv = adv + self.alpha * momentum.sign()
-            adv = torch.min(torch.max(adv, x - self.eps), x + self.eps).clamp_(0.0, 1.0)
+            adv = adv.add_(momentum.sign(), alpha=self.alpha).clamp_(*box)
         return adv

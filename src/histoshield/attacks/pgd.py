@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from histoshield.attacks.base import Attack, check_steps
+from histoshield.errors import HistoshieldError
 
 
 class PGD(Attack):
@@ -19,6 +20,7 @@ class PGD(Attack):
 
     name = "pgd"
     default_random_start = True
+    output_in_ball = True  # every step ends with the eps-ball ∩ [0,1] clamp
 
     def __init__(
         self,
@@ -37,32 +39,37 @@ class PGD(Attack):
         # 2.5·eps/steps (Madry et al.) lets the walk reach the boundary from any start.
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / self.steps
         if self.alpha < 0:
-            from histoshield.errors import HistoshieldError
-
             raise HistoshieldError(f"alpha must be >= 0, got {alpha!r}")
         self.random_start = self.default_random_start if random_start is None else random_start
 
-    def start(self, x: torch.Tensor) -> torch.Tensor:
-        """Starting point: x itself, or uniform noise in the eps-ball."""
+    def start(self, x: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Starting point (a fresh tensor): x itself, or uniform noise in the eps-ball."""
         if not self.random_start:
             return x.clone()
-        return (x + (2 * self.rand_like(x) - 1) * self.eps).clamp_(0.0, 1.0)
+        noise = self.rand_like(x).mul_(2 * self.eps).sub_(self.eps)
+        return noise.add_(x).clamp_(*box)
 
-    def step(self, adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Signed step, then projection into the L∞ ball and [0,1]."""
-        adv = adv + self.alpha * grad.sign()
-        return torch.min(torch.max(adv, x - self.eps), x + self.eps).clamp_(0.0, 1.0)
+    def step(
+        self,
+        adv: torch.Tensor,
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        box: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Signed step, then projection into B∞(x, eps) ∩ [0,1] as one clamp, both in place."""
+        return adv.add_(grad.sign_(), alpha=self.alpha).clamp_(*box)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """Run `restarts` walks of `steps` steps; keep the highest-loss result per image."""
+        box = self.linf_box(x) if self.norm == "linf" else None
         best, best_loss = None, None
         for r in range(self.restarts):
-            adv = self.start(x)
+            adv = self.start(x, box)
             for k in range(self.steps):
                 grad, _ = self.input_grad(adv, y, t)
                 if k == 0 and r == 0:
                     self.record_grad(grad)
-                adv = self.step(adv, grad, x)
+                adv = self.step(adv, grad, x, box)
             if self.restarts == 1:
                 return adv
             with torch.no_grad():

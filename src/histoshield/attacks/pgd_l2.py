@@ -16,7 +16,7 @@ class PGDL2(PGD):
     name = "pgd-l2"
     norm = "l2"
 
-    def start(self, x: torch.Tensor) -> torch.Tensor:
+    def start(self, x: torch.Tensor, box=None) -> torch.Tensor:
         """Uniform-radius random direction inside the L2 ball (or x itself)."""
         if not self.random_start:
             return x.clone()
@@ -25,7 +25,9 @@ class PGDL2(PGD):
         r = torch.rand(len(x), generator=self.generator, device=x.device, dtype=x.dtype)
         return (x + d * (r * self.eps).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
-    def step(self, adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, box=None
+    ) -> torch.Tensor:
         """Normalised gradient step, then projection into the L2 ball and [0,1]."""
         g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return self.project(x, adv + self.alpha * g)

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -91,12 +92,10 @@ def synthesize(out: str | Path, n: int = 400, size: int = 96, seed: int = 0) -> 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HistoshieldError(f"{out} already exists and is not empty; choose a new --out folder")
-    labels, patients, grades = _plan(n, seed)
+    plan = _plan(n, seed)
+    labels, patients = plan.labels, plan.patients
     tiles = np.concatenate(
-        [
-            _render_chunk(size, grades[i : i + _CHUNK], patients[i : i + _CHUNK], seed, i)
-            for i in range(0, n, _CHUNK)
-        ]
+        [_render_chunk(size, plan, slice(i, i + _CHUNK), seed) for i in range(0, n, _CHUNK)]
     )
     for c in ("benign", "malignant"):
         (out / c).mkdir(parents=True, exist_ok=True)
@@ -113,24 +112,61 @@ def synthesize(out: str | Path, n: int = 400, size: int = 96, seed: int = 0) -> 
     return ImageSet(out.resolve(), "synthetic", records, [])
 
 
-def _plan(n: int, seed: int) -> tuple[list[str], list[str], np.ndarray]:
-    """Class, patient id and latent grade per tile; patients hold ~10 tiles of one class."""
+class _Plan(NamedTuple):
+    """Per-tile class, patient and latent grade, and the patient's stain (repeated per tile)."""
+
+    labels: list[str]
+    patients: list[str]
+    grades: np.ndarray  # (n,)
+    h_vec: np.ndarray  # (n,3) hematoxylin OD vector
+    e_vec: np.ndarray  # (n,3) eosin OD vector
+    h_amt: np.ndarray  # (n,) hematoxylin amount
+    e_amt: np.ndarray  # (n,) eosin amount
+    bright: np.ndarray  # (n,) illumination
+
+
+def _stratified(rng: np.random.Generator, k: int, lo: float, hi: float) -> np.ndarray:
+    """k values covering [lo, hi] evenly in random order (one per stratum)."""
+    return lo + (hi - lo) * (rng.permutation(k) + rng.uniform(0, 1, k)) / k
+
+
+def _plan(n: int, seed: int) -> _Plan:
+    """Class, patient, grade and stain per tile; patients hold ~10 tiles of one class.
+
+    Stain amounts are drawn stratified within each class, so both classes span the same range
+    of staining: with only ~20 patients a class, independent draws would often leave one class
+    darker by chance, and a model would learn the slide's stain instead of the morphology.
+    """
     rng = np.random.default_rng([seed, 1])
     n_b = n // 2
     labels = ["benign"] * n_b + ["malignant"] * (n - n_b)
     patients: list[str] = []
     grades = np.empty(n)
+    cols: list[list[np.ndarray]] = [[] for _ in range(5)]
     for cls, start, count in (("b", 0, n_b), ("m", n_b, n - n_b)):
         n_pat = max(2, round(count / 10))
-        pid = np.sort(rng.integers(0, n_pat, count))
-        pid[:n_pat] = np.arange(n_pat)[: min(n_pat, count)]  # every patient has a tile
-        pid = np.sort(pid)
+        # Unequal patients (as in BreakHis, ~5-15 tiles here), each with at least one tile.
+        w = rng.uniform(0.5, 1.5, n_pat)
+        sizes = 1 + rng.multinomial(count - n_pat, w / w.sum())
+        pid = np.repeat(np.arange(n_pat), sizes)
         # Patients differ in grade too (some benign lesions look atypical, some carcinomas bland).
         pat_grade = rng.normal(0.3 if cls == "b" else 0.7, 0.05, n_pat)
         g = pat_grade[pid] + rng.normal(0, 0.1, count)
         grades[start : start + count] = np.clip(g, 0.0, 1.0)
         patients += [f"syn{cls}{p:03d}" for p in pid]
-    return labels, patients, grades
+        h = np.abs(_H + rng.normal(0, 0.06, (n_pat, 3)))
+        e = np.abs(_E + rng.normal(0, 0.06, (n_pat, 3)))
+        pat = (
+            h / np.linalg.norm(h, axis=1, keepdims=True),
+            e / np.linalg.norm(e, axis=1, keepdims=True),
+            _stratified(rng, n_pat, 0.7, 1.3),
+            _stratified(rng, n_pat, 0.6, 1.4),
+            _stratified(rng, n_pat, 0.92, 1.04),
+        )
+        for lst, arr in zip(cols, pat, strict=True):
+            lst.append(arr[pid])
+    h_vec, e_vec, h_amt, e_amt, bright = (np.concatenate(c) for c in cols)
+    return _Plan(labels, patients, grades, h_vec, e_vec, h_amt, e_amt, bright)
 
 
 def _lerp(a: float, b: float, t):
@@ -192,12 +228,11 @@ def _stamp(
     np.maximum.at(target, (tt[ok], iy[ok], ix[ok]), val[ok])
 
 
-def _render_chunk(
-    s: int, grades: np.ndarray, patients: list[str], seed: int, offset: int
-) -> np.ndarray:
-    """Render tiles offset..offset+len(grades) as uint8 (n,s,s,3)."""
+def _render_chunk(s: int, plan: _Plan, part: slice, seed: int) -> np.ndarray:
+    """Render the tiles `part` of the plan as uint8 (n,s,s,3)."""
+    grades = plan.grades[part]
     n = len(grades)
-    rng = np.random.default_rng([seed, 2, offset])
+    rng = np.random.default_rng([seed, 2, part.start])
     # Structures shrink more slowly than the tile, so small tiles show fewer, still-resolvable
     # nuclei (a smaller field of view) rather than sub-pixel ones.
     scale = (s / 96.0) ** 0.5
@@ -208,13 +243,13 @@ def _render_chunk(
     # Stroma: eosin with collagen fibres; a little background hematoxylin.
     fib = _fft_noise(rng, n, s, 7 * scale, 0.9 * scale, rng.uniform(0, np.pi, n))
     fib2 = _fft_noise(rng, n, s, 5 * scale, 1.2 * scale, rng.uniform(0, np.pi, n))
-    e_base = rng.uniform(0.35, 0.75, n)[:, None, None]
+    e_base = rng.uniform(0.3, 0.6, n)[:, None, None]
     cE = e_base * (1 + 0.28 * fib + 0.15 * fib2)
     cH = np.full((n, s, s), 0.06) + 0.03 * fib2
 
     # Epithelial nests: their extent grows with grade (solid sheets in carcinoma).
     blob = _fft_noise(rng, n, s, 10 * scale, 10 * scale, np.zeros(n))
-    frac = np.clip(_lerp(0.12, 0.55, g) + rng.normal(0, 0.06, n), 0.05, 0.85)
+    frac = np.clip(_lerp(0.12, 0.6, g) + rng.normal(0, 0.06, n), 0.05, 0.85)
     srt = np.sort(blob.reshape(n, -1), axis=1)
     thr = srt[np.arange(n), ((1 - frac) * (s * s - 1)).astype(int)][:, None, None]
     nest = np.clip((blob - thr) * 2.5 + 0.5, 0, 1)
@@ -231,12 +266,12 @@ def _render_chunk(
 
     for i in range(n):
         gi = g[i]
-        r_mean = _lerp(1.9, 3.3, gi) * scale
+        r_mean = _lerp(1.8, 3.8, gi) * scale
         pleo = _lerp(0.10, 0.38, gi)
-        hyper = _lerp(0.95, 1.55, gi)
+        hyper = _lerp(1.0, 1.3, gi)
         rim = _lerp(0.0, 0.45, gi)
         # Glands: lumen with an orderly ring of nuclei; fewer and less orderly with grade.
-        n_gl = rng.poisson(max(0.05, _lerp(2.0, 0.25, gi)) * fov)
+        n_gl = rng.poisson(max(0.05, _lerp(2.2, 0.15, gi)) * fov)
         order = np.clip(1.1 - gi * 1.2, 0, 1)
         for _ in range(min(n_gl, 6)):
             ra = rng.uniform(5, 13) * scale
@@ -259,7 +294,7 @@ def _render_chunk(
                 hyper * rng.uniform(0.85, 1.15, k), np.full(k, rim),
             )  # fmt: skip
         # Scattered nuclei, mostly in nests; density and crowding grow with grade.
-        k = int(rng.poisson(_lerp(28, 85, gi) * fov))
+        k = int(rng.poisson(_lerp(22, 110, gi) * fov))
         cand = rng.uniform(0, s, (3 * k + 3, 2))
         w = nest[i][cand[:, 1].astype(int) % s, cand[:, 0].astype(int) % s] * 0.85 + 0.15
         keep = cand[rng.uniform(size=len(cand)) < w][:k]
@@ -293,18 +328,14 @@ def _render_chunk(
     cH = cH * (1 - lumen) + 0.01 * lumen
     cH, cE = np.clip(cH, 0, None), np.clip(cE, 0, None)
 
-    # Stain variation: per patient (the same wherever the patient's tiles fall) and per tile.
-    uniq = list(dict.fromkeys(patients))
-    pidx = np.array([uniq.index(p) for p in patients])
-    stain = [_patient_stain(seed, p) for p in uniq]
-    h_vec = np.stack([st[0] for st in stain])
-    e_vec = np.stack([st[1] for st in stain])
-    h_amt = np.array([st[2] for st in stain])[pidx] * rng.uniform(0.9, 1.1, n)
-    e_amt = np.array([st[3] for st in stain])[pidx] * rng.uniform(0.9, 1.1, n)
-    bright = np.array([st[4] for st in stain])[pidx] * rng.uniform(0.97, 1.03, n)
+    # Stain variation: per patient (planned in `_plan`) and per tile.
+    h_vec, e_vec = plan.h_vec[part], plan.e_vec[part]
+    h_amt = plan.h_amt[part] * rng.uniform(0.9, 1.1, n)
+    e_amt = plan.e_amt[part] * rng.uniform(0.9, 1.1, n)
+    bright = plan.bright[part] * rng.uniform(0.97, 1.03, n)
     od = (
-        (cH * h_amt[:, None, None])[..., None] * h_vec[pidx][:, None, None, :]
-        + (cE * e_amt[:, None, None])[..., None] * e_vec[pidx][:, None, None, :]
+        (cH * h_amt[:, None, None])[..., None] * h_vec[:, None, None, :]
+        + (cE * e_amt[:, None, None])[..., None] * e_vec[:, None, None, :]
         + 0.03
     )
     rgb = 255.0 * np.exp(-od)
@@ -312,17 +343,3 @@ def _render_chunk(
     rgb = rgb * bright[:, None, None, None]
     rgb += rng.normal(0, 1, rgb.shape) * rng.uniform(1.0, 5.0, n)[:, None, None, None]
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-
-
-def _patient_stain(seed: int, patient: str) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """Stain vectors, amounts and brightness of one (synthetic) patient's slide."""
-    rng = np.random.default_rng([seed, 3, *patient.encode()])
-    h = np.abs(_H + rng.normal(0, 0.06, 3))
-    e = np.abs(_E + rng.normal(0, 0.06, 3))
-    return (
-        h / np.linalg.norm(h),
-        e / np.linalg.norm(e),
-        float(rng.uniform(0.65, 1.35)),
-        float(rng.uniform(0.6, 1.4)),
-        float(rng.uniform(0.92, 1.04)),
-    )

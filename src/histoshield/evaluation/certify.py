@@ -194,76 +194,43 @@ def certify_checkpoint(
     The images come from `split` (a split CSV); without it, from `split.csv` beside the
     checkpoint (its training run's split); else `data` is split with the checkpoint's settings.
     """
-    from histoshield.data import labels_of, load_arrays, to_float
-    from histoshield.models import load_checkpoint
-    from histoshield.runtime import pick_device
+    from histoshield.evaluation.predict import load_eval_data
 
     if not sigma > 0 or not math.isfinite(sigma):
         raise HistoshieldError(f"--sigma must be > 0 (got {sigma})")
-    if limit is not None and limit < 1:
-        raise HistoshieldError(f"--limit must be >= 1 (got {limit})")
     ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise HistoshieldError(f"checkpoint not found: {ckpt} (train one with `histoshield train`)")
-    dev = pick_device(device)
-    model = load_checkpoint(ckpt, map_location=dev).to(dev).eval()
-    imageset, source = _imageset(ckpt, model, data, split)
-    records = imageset.subset(subset)
-    if not records:
-        raise HistoshieldError(
-            f"no '{subset}' images in {source}: pick --subset train, val or test"
-        )
-    records = records[:limit] if limit else records
-    classes = list(getattr(model, "classes", None) or imageset.classes)
-    size = int(getattr(model, "image_size", None) or 96)
-    x = to_float(load_arrays(records, size, progress=progress))
-    y = labels_of(records, classes)
+    ev = load_eval_data(
+        ckpt,
+        data=data,
+        split=split,
+        subset=subset,
+        limit=limit,
+        unsplit="resplit",  # --data alone: the run's own split of it (same settings and seed)
+        device=device,
+        progress=progress,
+    )
     result = certify_images(
-        model,
-        x,
-        y,
+        ev.model,
+        ev.x,
+        ev.y.numpy(),
         sigma=sigma,
         n0=n0,
         n=n,
         alpha=alpha,
         batch=batch,
         seed=seed,
-        device=dev,
+        device=ev.device,
         progress=progress,
     )
     result.update(
         checkpoint=str(ckpt),
-        source=str(source),
-        subset=subset,
-        paths=[str(r.path) for r in records],
+        source=ev.source,
+        subset=ev.subset,
+        paths=[str(r.path) for r in ev.records],
     )
     if out is not None:
         result["files"] = {k: str(v) for k, v in save_certify(result, out).items()}
     return result
-
-
-def _imageset(ckpt: Path, model: nn.Module, data: str | None, split: str | Path | None):
-    from histoshield.data import load_imageset, make_split, read_split
-
-    if split is not None:
-        return read_split(split), Path(split)
-    beside = ckpt.parent / "split.csv"
-    if data is None and beside.is_file():
-        return read_split(beside), beside
-    if data is None:
-        raise HistoshieldError(
-            f"no images to certify: pass --split SPLIT.csv or --data PATH ({beside} not found)"
-        )
-    cfg = (getattr(model, "meta", None) or {}).get("config") or {}
-    ims = load_imageset(data)
-    ims = make_split(
-        ims,
-        by=cfg.get("split_by", "auto"),
-        val=cfg.get("val", 0.1),
-        test=cfg.get("test", 0.1),
-        seed=cfg.get("seed", 0),
-    )
-    return ims, data
 
 
 def format_certify(result: dict[str, Any]) -> str:

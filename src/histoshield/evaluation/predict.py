@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histoshield.data.records import Record
 from histoshield.errors import HistoshieldError
 
 
@@ -40,44 +42,149 @@ def predict_proba(
         model.train(was_training)
 
 
-# ---- checkpoint-level helpers behind `histoshield evaluate` / `histoshield predict` ---------
+# ---- loading a checkpoint and the images to evaluate it on ---------------------------------
+# The one way evaluate, attack and certify get (model, x, y, records): same source rules, same
+# errors, same decoding size.
 
 
-def _load_model(checkpoint: str | Path, device: torch.device):
+@dataclass
+class EvalData:
+    """A checkpoint's model and the labelled images it is evaluated on (from `load_eval_data`)."""
+
+    model: nn.Module  # eval mode, on `device`
+    x: torch.Tensor  # float (N,3,S,S) in [0,1] on CPU, S = the model's input size
+    y: torch.Tensor  # long (N,) indices into `classes`
+    records: list[Record]
+    classes: list[str]
+    subset: str  # the subset actually used: train | val | test | all
+    source: str  # the split CSV or data path the records came from
+    device: torch.device
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a histoshield checkpoint in eval mode on `device` (a missing file is one clear line)."""
     from histoshield import models
+    from histoshield.runtime import pick_device
 
     p = Path(checkpoint).expanduser()
     if not p.is_file():
         raise HistoshieldError(
             f"checkpoint not found: {p} (pass a best.pt/last.pt written by histoshield train)"
         )
-    return models.load_checkpoint(p).to(device).eval()
+    dev = pick_device(device) if isinstance(device, str) else device
+    return models.load_checkpoint(p, map_location=dev).to(dev).eval()
 
 
-def _records_for(checkpoint: Path, data: str | None, split: str | None, subset: str):
+def load_records(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    split: str | Path | None = None,
+    subset: str = "test",
+    unsplit: str = "all",
+    config: dict[str, Any] | None = None,
+) -> tuple[list[Record], str, str]:
+    """Records of `subset` for a checkpoint, with the subset used and their source.
+
+    Source, first match: `split` (a split CSV); `data` (a data set; a split CSV passed as data
+    keeps its split); the run's `split.csv` beside the checkpoint. Data without a split is used
+    whole (`unsplit="all"`, subset becomes "all") or split again with the training run's
+    settings from `config` (`unsplit="resplit"`, which reproduces the run's split of that data).
+    """
     from histoshield import data as hd
 
-    run_split = checkpoint.expanduser().parent / "split.csv"
+    if subset not in ("train", "val", "test", "all"):
+        raise HistoshieldError(f"unknown subset {subset!r}: use train, val, test or all")
+    if unsplit not in ("all", "resplit"):
+        raise HistoshieldError(f"unknown unsplit rule {unsplit!r}: use 'all' or 'resplit'")
+    run_split = Path(checkpoint).expanduser().parent / "split.csv"
     if split is not None:
         sp = Path(split).expanduser()
         if not sp.is_file():
             raise HistoshieldError(
                 f"split file not found: {sp} (pass the split.csv of the training run)"
             )
-        iset = hd.read_split(sp)
+        iset, source = hd.read_split(sp), str(sp)
     elif data is not None:
-        iset = hd.load_imageset(data)
+        iset, source = hd.load_imageset(data), str(data)
+        if unsplit == "resplit" and not any(r.split for r in iset.records):
+            cfg = config or {}
+            iset = hd.make_split(
+                iset,
+                by=cfg.get("split_by", "auto"),
+                val=cfg.get("val", 0.1),
+                test=cfg.get("test", 0.1),
+                seed=cfg.get("seed", 0),
+            )
     elif run_split.is_file():
-        iset = hd.read_split(run_split)
+        iset, source = hd.read_split(run_split), str(run_split)
     else:
         raise HistoshieldError(
             f"no data to evaluate: pass --split (e.g. {run_split}) or --data PATH"
         )
     if subset == "all" or not any(r.split for r in iset.records):
-        return iset.records, subset if subset == "all" else "all"
-    if subset not in ("train", "val", "test"):
-        raise HistoshieldError(f"unknown --subset {subset!r}: use train, val, test or all")
-    return iset.subset(subset), subset
+        return list(iset.records), "all", source
+    records = iset.subset(subset)
+    if not records:
+        raise HistoshieldError(
+            f"no {subset!r} images in {source}: pick --subset train, val, test or all"
+        )
+    return records, subset, source
+
+
+def load_eval_data(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    split: str | Path | None = None,
+    subset: str = "test",
+    only: str | None = None,
+    exclude: str | None = None,
+    limit: int | None = None,
+    unsplit: str = "all",
+    device: torch.device | str = "auto",
+    progress: bool = False,
+) -> EvalData:
+    """Model, images and labels for evaluating a checkpoint on a subset of its data.
+
+    `only` keeps one class, `exclude` drops one (e.g. an attack's target class), `limit` keeps
+    the first N after that; only the kept images are decoded (at the model's input size, 224
+    for size-agnostic models). Source rules as in `load_records`.
+    """
+    from histoshield.data import labels_of, load_arrays, to_float
+    from histoshield.runtime import pick_device
+
+    if limit is not None and limit < 1:
+        raise HistoshieldError(f"--limit must be >= 1, got {limit}")
+    dev = pick_device(device) if isinstance(device, str) else device
+    model = load_model(checkpoint, dev)
+    classes = list(model.classes)
+    config = (getattr(model, "meta", None) or {}).get("config") or {}
+    records, used, source = load_records(
+        checkpoint, data=data, split=split, subset=subset, unsplit=unsplit, config=config
+    )
+    unknown = sorted({r.label for r in records} - set(classes))
+    if unknown:
+        raise HistoshieldError(
+            f"labels {unknown} in {source} are not classes of {checkpoint} ({classes}): use "
+            "data with the model's classes"
+        )
+    for flag, value in (("--only", only), ("--target", exclude)):
+        if value is not None and value not in classes:
+            raise HistoshieldError(f"{flag} {value!r} is not a class of the model ({classes})")
+    if only is not None:
+        records = [r for r in records if r.label == only]
+    if exclude is not None:
+        records = [r for r in records if r.label != exclude]
+    records = records[:limit] if limit is not None else records
+    if not records:
+        what = f" with label {only!r}" if only else ""
+        what += f" not of class {exclude!r}" if exclude else ""
+        raise HistoshieldError(f"no images to evaluate in subset {used!r} of {source}{what}")
+    size = getattr(model, "image_size", None) or 224  # None: any size works; decode at 224
+    x = to_float(load_arrays(records, size, progress=progress))
+    y = torch.as_tensor(labels_of(records, classes)).long()
+    return EvalData(model, x, y, records, classes, used, source, dev)
 
 
 def evaluate_checkpoint(
@@ -92,36 +199,16 @@ def evaluate_checkpoint(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Clinical metrics of a checkpoint on one subset of a split (or all of a data set)."""
-    from histoshield.data import labels_of, load_arrays, to_float
     from histoshield.evaluation.metrics import classification_metrics
-    from histoshield.runtime import pick_device
 
-    dev = pick_device(device)
-    model = _load_model(checkpoint, dev)
-    classes = list(model.classes)
-    records, used = _records_for(Path(checkpoint), data, split, subset)
-    unknown = sorted({r.label for r in records} - set(classes))
-    if unknown:
-        raise HistoshieldError(
-            f"labels {unknown} are not classes of {checkpoint} ({classes}); evaluate on data "
-            "with the model's classes"
-        )
-    if only is not None:
-        if only not in classes:
-            raise HistoshieldError(f"--only {only!r} is not a class of the model ({classes})")
-        records = [r for r in records if r.label == only]
-    if not records:
-        raise HistoshieldError(f"no images to evaluate in subset {used!r}" +
-                               (f" with label {only!r}" if only else ""))  # fmt: skip
-    size = model.image_size or 224  # None = the backbone takes any size; decode at 224
+    ev = load_eval_data(checkpoint, data=data, split=split, subset=subset, only=only, device=device)
+    model, x, y, classes, dev = ev.model, ev.x, ev.y.numpy(), ev.classes, ev.device
     if purify:
         from histoshield.defenses import purify as purify_mod
 
         model = purify_mod.wrap(model, purify)
-    x = to_float(load_arrays(records, size, progress=False))
-    y = labels_of(records, classes)
     prob = predict_proba(model, x, batch_size=batch_size, device=dev)
-    patients = [r.patient for r in records]
+    patients = [r.patient for r in ev.records]
     pos = classes.index("malignant") if "malignant" in classes else len(classes) - 1
     m = classification_metrics(
         y,
@@ -132,7 +219,7 @@ def evaluate_checkpoint(
     )
     return {
         "checkpoint": str(checkpoint),
-        "subset": used,
+        "subset": ev.subset,
         "only": only,
         "purify": purify,
         "classes": classes,
@@ -153,7 +240,7 @@ def predict_images(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise HistoshieldError(f"image not found: {missing[0]} (pass existing image files)")
-    model = _load_model(checkpoint, dev)
+    model = load_model(checkpoint, dev)
     size = model.image_size or 224
     arr = np.stack([read_rgb(p, size) for p in paths])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)

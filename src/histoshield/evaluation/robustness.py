@@ -409,25 +409,29 @@ def attack_checkpoint(
     import yaml
 
     from histoshield.attacks import parse_eps
-    from histoshield.data import labels_of, load_arrays, to_float
-    from histoshield.evaluation.predict import _load_model, _records_for
-    from histoshield.runtime import (
-        environment,
-        pick_device,
-        seed_everything,
-        write_json,
-        write_text,
-    )
+    from histoshield.evaluation.predict import load_eval_data, load_model
+    from histoshield.runtime import environment, seed_everything, write_json, write_text
 
     eps_values = parse_eps(eps)
-    if limit is not None and limit < 1:
-        raise HistoshieldError(f"--limit must be >= 1, got {limit}")
     seed_everything(seed)
-    dev = pick_device(device)
-    model = _load_model(checkpoint, dev)
-    classes = list(model.classes)
-    size = getattr(model, "image_size", None) or 224  # None: any size works; decode at 224
-    other = _load_model(transfer_to, dev) if transfer_to is not None else None
+    if only is not None and target is not None and only == target:
+        raise HistoshieldError(
+            f"--target {target!r} equals the true label of every --only {only!r} image: "
+            "pick another target"
+        )
+    ev = load_eval_data(
+        checkpoint,
+        data=data,
+        split=split,
+        subset=subset,
+        only=only,
+        exclude=target,  # images already of the target class cannot be pushed towards it
+        limit=limit,
+        device=device,
+        progress=progress,
+    )
+    model, x, y, classes, dev, used = ev.model, ev.x, ev.y, ev.classes, ev.device, ev.subset
+    other = load_model(transfer_to, dev) if transfer_to is not None else None
     if other is not None and list(other.classes) != classes:
         raise HistoshieldError(
             f"--transfer-to {transfer_to} has classes {list(other.classes)}, {checkpoint} has "
@@ -438,22 +442,6 @@ def attack_checkpoint(
 
         model = purify_mod.wrap(model, purify)
         other = purify_mod.wrap(other, purify) if other is not None else None
-    records, used = _records_for(Path(checkpoint), data, split, subset)
-    unknown = sorted({r.label for r in records} - set(classes))
-    if unknown:
-        raise HistoshieldError(
-            f"labels {unknown} are not classes of {checkpoint} ({classes}): attack data with "
-            "the model's classes"
-        )
-    y_all = torch.as_tensor(labels_of(records, classes)).long()
-    keep, _, _ = select(y_all, classes, only=only, target=target)
-    if limit is not None:
-        keep = keep[:limit]
-    records = [records[i] for i in keep.tolist()]
-    if not records:
-        raise HistoshieldError(f"no images to attack in subset {used!r}")
-    x = to_float(load_arrays(records, size, progress=progress))
-    y = y_all[keep]
     if out is None:
         out = Path("runs") / f"attack-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
@@ -495,6 +483,7 @@ def attack_checkpoint(
         progress=progress,
     )
     result["out"] = str(out)
+    result["source"] = ev.source
     write_json(out / "env.json", {**env, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return result
 

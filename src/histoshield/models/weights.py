@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,18 +50,25 @@ def safe_torch_load(path: str | Path, what: str = "file", map_location: str = "c
     if not path.is_file():
         raise HistoshieldError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+        lines = str(e).strip().splitlines()
+        detail = next((ln for ln in lines if "GLOBAL" in ln), "")
+        if not detail:  # "Unsupported operand": not a torch.save file at all (text, raw pickle)
+            raise HistoshieldError(
+                f"cannot read {what} {path}: not a file written by torch.save"
+            ) from None
         raise HistoshieldError(
             f"refusing {what} {path}: it needs unpickling arbitrary code, which histoshield never "
-            f"does{f' ({detail.strip()})' if detail else ''}; re-save it as a plain state_dict"
+            f"does ({detail.strip()}); re-save it as a plain state_dict"
         ) from None
     except Exception as e:  # the unpickler raises many types (IndexError, EOFError, ...) on junk
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's messages run to several sentences; the first says what went wrong.
+        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
         raise HistoshieldError(
-            f"cannot read {what} {path}: corrupt or not a torch file ({msg})"
+            f"cannot read {what} {path}: corrupt or not a torch file ({msg or type(e).__name__})"
         ) from None
 
 

@@ -301,6 +301,8 @@ def train(
     from histoshield import models
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HistoshieldError(f"{out} is a file, not a run folder; choose another --out")
     last_pt, best_pt = out / "last.pt", out / "best.pt"
     if resume and not last_pt.is_file():
         raise HistoshieldError(f"cannot resume: {last_pt} does not exist (train without --resume)")
