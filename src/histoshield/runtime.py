@@ -20,6 +20,16 @@ import torch
 from histoshield.errors import HistoshieldError
 
 
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; results and reports should get the usual umask-derived mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temp file in the target folder, then rename it over `path`."""
     path = Path(path)
@@ -39,6 +49,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

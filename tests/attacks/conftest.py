@@ -7,6 +7,16 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
+    a second core (tests here run several times faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_cnn(num_classes: int = 2, seed: int = 0) -> nn.Module:
     """A 2-layer CNN on 16 px images (random weights, fixed by `seed`)."""
     torch.manual_seed(seed)

@@ -12,6 +12,16 @@ from histoshield.errors import HistoshieldError
 from histoshield.evaluation.predict import load_eval_data, load_records
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
+    a second core (tests here run several times faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A seeded untrained smallcnn 'run folder' with a split.csv, on 24 synthetic 32 px tiles."""

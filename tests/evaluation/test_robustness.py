@@ -22,6 +22,16 @@ from histoshield.evaluation.robustness import (
 CLASSES = ["benign", "malignant"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
+    a second core (tests here run several times faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from histoshield.evaluation.robustness import evaluate_attack
 from histoshield.evaluation.sanity import check_monotone, run_checks, warnings_of
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
+    a second core (tests here run several times faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _cnn() -> nn.Module:

@@ -74,6 +74,7 @@ def load_imageset(
     probs = _Problems(on_bad)
     mags = _parse_mags(magnifications)
     spec = str(path)
+    source: Path | None = None  # the CSV read, named in errors instead of its folder
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from histoshield.data.synthetic import ensure_synthetic
 
@@ -94,10 +95,10 @@ def load_imageset(
                     f"{p} is a single file, not a dataset; pass its folder or a manifest CSV"
                 )
             records, layout = _read_csv_any(p, probs)
-            root_dir = p.parent
+            root_dir, source = p.parent, p
         elif (p / "manifest.csv").is_file():
             records, layout = _read_csv_any(p / "manifest.csv", probs)
-            root_dir = p
+            root_dir, source = p, p / "manifest.csv"
         else:
             records, layout = _scan_folder(p, probs)
             root_dir = p
@@ -108,7 +109,7 @@ def load_imageset(
     records = [r for r in records if r.path not in probs.bad]
     if not records:
         extra = f" ({len(probs.bad)} bad files skipped)" if probs.bad else ""
-        raise HistoshieldError(f"no usable images in {root_dir}{extra}")
+        raise HistoshieldError(f"no usable images in {source or root_dir}{extra}")
     classes = sorted({r.label for r in records})
     if len(classes) == 1:
         probs.note(

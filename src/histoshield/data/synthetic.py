@@ -8,7 +8,8 @@ A latent grade per tile (benign ~0.3, malignant ~0.7, overlapping) drives what a
 looks at: nuclear density, size, pleomorphism (size/shape spread), hyperchromasia and vesicular
 chromatin, and loss of glandular organisation (glands with an orderly ring of nuclei give way to
 solid nests). Stain colour, intensity, blur and noise vary per patient (~10 tiles each) and per
-tile, so colour alone is a poor classifier and some tiles are genuinely ambiguous.
+tile, with the same spread in both classes, so colour alone is a poor classifier and some tiles
+are genuinely ambiguous.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from PIL import Image
 from histoshield.data.records import ImageSet, Record
 from histoshield.errors import HistoshieldError
 
-GENERATOR_VERSION = "1"  # bump when the rendering changes so cached sets are regenerated
+GENERATOR_VERSION = "2"  # bump when the rendering changes so cached sets are regenerated
 _H = np.array([0.650, 0.704, 0.286])  # Ruifrok & Johnston 2001 optical-density stain vectors
 _E = np.array([0.072, 0.990, 0.105])
 _CHUNK = 50  # tiles rendered together: bounds memory, keeps output independent of n's chunking

@@ -86,7 +86,7 @@ class Smoothed:
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch: int = 256) -> int:
         """Smoothed prediction, or -1 (abstain) when the top two classes are not separated."""
-        _check(n=n, alpha=alpha)
+        check_settings(n=n, alpha=alpha, batch=batch)
         counts = self.sample_counts(x, n, batch)
         top2 = np.argsort(counts)[::-1][:2]
         n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]]) if len(top2) > 1 else 0
@@ -98,7 +98,7 @@ class Smoothed:
         self, x: torch.Tensor, n0: int, n: int, alpha: float, batch: int = 256
     ) -> tuple[int, float]:
         """(class, certified L2 radius), or (-1, 0.0) when p_A's lower bound is below 1/2."""
-        _check(n=n, n0=n0, alpha=alpha)
+        check_settings(n=n, n0=n0, alpha=alpha, batch=batch)
         c_a = int(np.argmax(self.sample_counts(x, n0, batch)))
         n_a = int(self.sample_counts(x, n, batch)[c_a])
         p_a = lower_confidence_bound(n_a, n, alpha)
@@ -107,11 +107,14 @@ class Smoothed:
         return c_a, self.sigma * float(norm.ppf(p_a))
 
 
-def _check(*, n: int, alpha: float, n0: int | None = None) -> None:
+def check_settings(*, n: int, alpha: float, n0: int | None = None, batch: int = 1) -> None:
+    """Refuse sample counts, alpha or batch sizes that cannot certify (batch 0 would never end)."""
     if n < 1 or (n0 is not None and n0 < 1):
         raise HistoshieldError(f"smoothing needs n >= 1 and n0 >= 1 samples (got n={n}, n0={n0})")
     if not 0 < alpha < 1:
         raise HistoshieldError(f"smoothing alpha must be in (0, 1) (got {alpha})")
+    if batch < 1:
+        raise HistoshieldError(f"smoothing batch must be >= 1 noisy copies (got {batch})")
 
 
 def _one_image(x: torch.Tensor) -> torch.Tensor:

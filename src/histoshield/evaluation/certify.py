@@ -194,10 +194,14 @@ def certify_checkpoint(
     The images come from `split` (a split CSV); without it, from `split.csv` beside the
     checkpoint (its training run's split); else `data` is split with the checkpoint's settings.
     """
+    from histoshield.defenses.smoothing import check_settings
     from histoshield.evaluation.predict import load_eval_data
 
     if not sigma > 0 or not math.isfinite(sigma):
         raise HistoshieldError(f"--sigma must be > 0 (got {sigma})")
+    check_settings(n=n, n0=n0, alpha=alpha, batch=batch)  # before minutes of loading data
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise HistoshieldError(f"--out {out} is an existing file; pass a folder for the results")
     ckpt = Path(checkpoint)
     ev = load_eval_data(
         ckpt,
