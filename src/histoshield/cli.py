@@ -344,5 +344,4 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
         _fail("interrupted (Ctrl-C); finished outputs are kept, train/study can --resume", 130)
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)  # like standalone Typer: always SystemExit

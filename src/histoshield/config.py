@@ -1,4 +1,4 @@
-"""Pydantic configs, loaded from YAML with CLI overrides on top; every run writes the resolved one."""
+"""Pydantic configs, loaded from YAML with CLI overrides on top; runs write the resolved one."""
 
 from __future__ import annotations
 
@@ -66,33 +66,55 @@ class TrainConfig(Strict):
             return []
         if isinstance(v, (int, str)):
             v = [v]
-        return [int(str(m).upper().rstrip("X")) for m in v]
+        out = []
+        for m in v:
+            text = str(m).strip().upper().removesuffix("X")
+            if not text.isdigit():
+                raise ValueError(f"magnification {m!r} is not a number like 200 or 200X")
+            out.append(int(text))
+        return out
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file's top-level mapping; one-line errors for missing, unreadable or bad files."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise HistoshieldError(f"{what} file not found: {p} (pass an existing YAML file)")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise HistoshieldError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise HistoshieldError(f"{what} {p} is not a UTF-8 text file; pass a YAML file") from None
+    except OSError as e:
+        raise HistoshieldError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise HistoshieldError(f"{what} {p} must be a YAML mapping of settings")
+    return loaded
+
+
+def settings_error(e: ValidationError, source: str | Path | None = None) -> HistoshieldError:
+    """One line naming the first invalid setting, the value given and the file it came from."""
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "config"
+    got = err.get("input")
+    value = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) else ""
+    at = f" in {source}" if source else ""
+    if err["type"] == "extra_forbidden":  # a typo must not silently do nothing
+        return HistoshieldError(f"unknown setting {where}{at}: check its spelling and section")
+    return HistoshieldError(f"invalid setting {where}{at}: {err['msg']}{value}")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
     """Build `cls` from an optional YAML file, then apply non-None overrides (CLI flags)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise HistoshieldError(f"config file not found: {p} (pass an existing YAML file)")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise HistoshieldError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise HistoshieldError(f"config {p} must be a YAML mapping of settings")
-        data.update(loaded)
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        src = f" in {path}" if path else ""
-        raise HistoshieldError(f"invalid setting {where}{src}: {err['msg']}") from e
+        raise settings_error(e, path) from None
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -185,3 +185,28 @@ def test_clear_errors(model, batch):
     assert named.target == 0
     with pytest.raises(HistoshieldError, match=r"\[0,1\]"):
         A.run("fgsm", model, x * 2, y)
+
+
+def test_output_never_aliases_the_input(model, batch):
+    """Without a defensive input copy, the base must still never return the caller's tensor."""
+
+    class Identity(A.Attack):
+        name = "identity"
+        output_in_ball = True
+
+        def perturb(self, x, y, t):
+            return x
+
+    x, y = batch
+    adv = Identity(model, eps=0.0)(x, y)
+    assert torch.equal(adv, x) and adv.data_ptr() != x.data_ptr()
+    parts = Identity(model, eps=0.0, batch_size=5)(x, y)
+    assert torch.equal(parts, x) and parts.data_ptr() != x.data_ptr()
+
+
+def test_nan_input_is_rejected(model, batch):
+    x, y = batch
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(HistoshieldError, match=r"\[0,1\]"):
+        A.run("fgsm", model, bad, y, eps=1 / 255)

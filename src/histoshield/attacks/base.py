@@ -123,8 +123,11 @@ class Attack:
                     "(e.g. --only) or pick another target"
                 )
             t = torch.full_like(y, self.target)
-        was_training = self.model.training
-        self.model.eval()
+        # Only modules actually in training mode are switched (usually none: one traversal
+        # instead of two recursive .train() walks per call), and exactly those are restored.
+        training = [m for m in self.model.modules() if m.training]
+        if training:
+            self.model.eval()
         self.grad_stats = {"n": 0, "zero": 0, "nan": 0}
         queries = []
         try:
@@ -146,7 +149,8 @@ class Attack:
                 if self.queries is not None:
                     queries.append(self.queries.detach().cpu())
         finally:
-            self.model.train(was_training)
+            for m in training:
+                m.training = True
         self.queries = torch.cat(queries) if queries else None
         if len(out) == 1:  # one batch: no concatenation copy
             return out[0]

@@ -141,12 +141,11 @@ def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
         raise HistoshieldError(f"{path}: {e}") from None
     except UnidentifiedImageError:
         raise HistoshieldError(
-            f"{path}: not an image; remove it or pass --skip-bad to skip bad files"
+            f"{path}: not an image (PIL cannot identify it); replace or remove it"
         ) from None
     except Exception as e:
         raise HistoshieldError(
-            f"{path}: corrupt or truncated image ({type(e).__name__}: {e}); replace or remove it, "
-            "or pass --skip-bad to skip bad files"
+            f"{path}: corrupt or truncated image ({type(e).__name__}: {e}); replace or remove it"
         ) from None
     if size is not None and arr.shape[:2] != (size, size):
         arr = np.asarray(

@@ -74,6 +74,10 @@ def load_imageset(
     probs = _Problems(on_bad)
     mags = _parse_mags(magnifications)
     spec = str(path)
+    if not spec.strip():
+        raise HistoshieldError(
+            "data path is empty: pass a folder of images, a manifest CSV or 'synthetic'"
+        )
     source: Path | None = None  # the CSV read, named in errors instead of its folder
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from histoshield.data.synthetic import ensure_synthetic

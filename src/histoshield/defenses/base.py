@@ -31,6 +31,17 @@ def eps_rule(v: float) -> bool:
     return 0 < v <= 1
 
 
+# Parameters the adversarial defenses share.
+EPS = Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True)
+ALPHA = Param(float, None, positive, "> 0", fraction=True)  # None: derived from eps
+SEED = Param(int)
+
+
+def pgd_alpha(eps: float, steps: int) -> float:
+    """Madry et al.'s PGD step 2.5·ε/steps, enough to cross the ε ball from any start."""
+    return 2.5 * eps / steps
+
+
 class TrainingDefense:
     """Base class: subclasses declare `name` and `schema`, and implement `loss`."""
 
@@ -69,20 +80,8 @@ class TrainingDefense:
         """Validation inputs: clean for non-adversarial defenses, PGD-10 at eps otherwise."""
         if not self.adversarial:
             return x
-        from histoshield import attacks
-
         eps = float(self.params["eps"])
-        return attacks.run(
-            "pgd",
-            model,
-            x,
-            y,
-            eps=eps,
-            alpha=2.5 * eps / VAL_STEPS,
-            steps=VAL_STEPS,
-            random_start=True,
-            seed=self._attack_seed(),
-        ).detach()
+        return self._pgd(model, x, y, steps=VAL_STEPS, alpha=pgd_alpha(eps, VAL_STEPS))
 
     def _pgd(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, alpha: float
@@ -101,3 +100,14 @@ class TrainingDefense:
             random_start=True,
             seed=self._attack_seed(),
         ).detach()
+
+
+class MultiStepDefense(TrainingDefense):
+    """An adversarial defense that crafts with multi-step PGD; alpha defaults to 2.5·ε/steps."""
+
+    adversarial: ClassVar[bool] = True
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        super().__init__(params)
+        if self.params["alpha"] is None:
+            self.params["alpha"] = pgd_alpha(self.params["eps"], self.params["steps"])

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoshield.defenses.base import TrainingDefense, eps_rule, positive
-from histoshield.defenses.spec import Param
+from histoshield.defenses.base import ALPHA, EPS, SEED, TrainingDefense
 
 
 class FGSMRandomStart(TrainingDefense):
@@ -22,9 +21,9 @@ class FGSMRandomStart(TrainingDefense):
 
     name = "fgsm-rs"
     schema = {
-        "eps": Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True),
-        "alpha": Param(float, None, positive, "> 0", fraction=True),
-        "seed": Param(int),
+        "eps": EPS,
+        "alpha": ALPHA,
+        "seed": SEED,
     }
     adversarial = True
     stop_on_robust_collapse = True

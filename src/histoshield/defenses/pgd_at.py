@@ -15,27 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoshield.defenses.base import TrainingDefense, eps_rule, positive
+from histoshield.defenses.base import ALPHA, EPS, SEED, MultiStepDefense, positive
 from histoshield.defenses.spec import Param
 
 
-class PGDAdversarialTraining(TrainingDefense):
+class PGDAdversarialTraining(MultiStepDefense):
     """Madry PGD-AT: train on PGD examples inside the ε ball."""
 
     name = "pgd-at"
     schema = {
-        "eps": Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True),
+        "eps": EPS,
         "steps": Param(int, 7, positive, ">= 1"),
-        "alpha": Param(float, None, positive, "> 0", fraction=True),
-        "seed": Param(int),
+        "alpha": ALPHA,
+        "seed": SEED,
     }
-    adversarial = True
-    stop_on_robust_collapse = False
-
-    def __init__(self, params: dict) -> None:
-        super().__init__(params)
-        if self.params["alpha"] is None:
-            self.params["alpha"] = 2.5 * self.params["eps"] / self.params["steps"]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """Cross-entropy on PGD examples of the batch; logits are those of the examples."""

@@ -16,28 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoshield.defenses.base import TrainingDefense, eps_rule, positive
+from histoshield.defenses.base import ALPHA, EPS, SEED, MultiStepDefense, positive
 from histoshield.defenses.spec import Param
 
 
-class TRADES(TrainingDefense):
+class TRADES(MultiStepDefense):
     """TRADES: clean cross-entropy plus β times the KL between clean and adversarial outputs."""
 
     name = "trades"
     schema = {
-        "eps": Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True),
+        "eps": EPS,
         "beta": Param(float, 6.0, lambda v: v >= 0, ">= 0"),
         "steps": Param(int, 10, positive, ">= 1"),
-        "alpha": Param(float, None, positive, "> 0", fraction=True),
-        "seed": Param(int),
+        "alpha": ALPHA,
+        "seed": SEED,
     }
-    adversarial = True
-    stop_on_robust_collapse = False
-
-    def __init__(self, params: dict) -> None:
-        super().__init__(params)
-        if self.params["alpha"] is None:
-            self.params["alpha"] = 2.5 * self.params["eps"] / self.params["steps"]
 
     def craft(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The KL-maximising x_adv inside the ε ball (model evaluated in eval mode)."""

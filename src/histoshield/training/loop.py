@@ -342,6 +342,9 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
             "must be non-empty (use more data or a larger --val)"
         )
     if ctx.is_main:
+        # Skipped files, an empty test split...: shown even with --quiet, once the run starts.
+        for problem in iset.problems:
+            print(f"warning: {problem}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         from histoshield.data import write_split
 
@@ -640,8 +643,9 @@ def resolve_config(
 ) -> TrainConfig:
     """TrainConfig from a YAML file (flat, or a study config's `train:` section), a run folder
     being resumed (its config.yaml), and CLI overrides on top (None = not given)."""
-    import yaml
     from pydantic import ValidationError
+
+    from histoshield.config import read_yaml, settings_error
 
     base: dict[str, Any] = {}
     src: Path | None = None
@@ -651,16 +655,8 @@ def resolve_config(
             raise HistoshieldError(f"cannot resume: {src} does not exist (is {resume} a run?)")
     elif config is not None:
         src = Path(config).expanduser()
-        if not src.is_file():
-            raise HistoshieldError(f"config file not found: {src} (pass an existing YAML file)")
     if src is not None:
-        try:
-            loaded = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise HistoshieldError(f"config {src} is not valid YAML: {first}") from e
-        if not isinstance(loaded, dict):
-            raise HistoshieldError(f"config {src} must be a YAML mapping of settings")
+        loaded = read_yaml(src)
         if isinstance(loaded.get("train"), dict):
             # A study config: its `train:` section, plus the study-wide settings that are also
             # training settings (data, seed, split_by, ...) so the run matches the study's.
@@ -671,7 +667,4 @@ def resolve_config(
     try:
         return TrainConfig.model_validate(base)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        at = f" in {src}" if src else ""
-        raise HistoshieldError(f"invalid setting {where}{at}: {err['msg']}") from None
+        raise settings_error(e, src) from None
