@@ -28,7 +28,7 @@ from PIL import Image
 from histoshield.data.records import ImageSet, Record
 from histoshield.errors import HistoshieldError
 
-GENERATOR_VERSION = "2"  # bump when the rendering changes so cached sets are regenerated
+GENERATOR_VERSION = "3"  # bump when the rendering changes so cached sets are regenerated
 _H = np.array([0.650, 0.704, 0.286])  # Ruifrok & Johnston 2001 optical-density stain vectors
 _E = np.array([0.072, 0.990, 0.105])
 _CHUNK = 50  # tiles rendered together: bounds memory, keeps output independent of n's chunking
@@ -152,16 +152,16 @@ def _plan(n: int, seed: int) -> _Plan:
         pid = np.repeat(np.arange(n_pat), sizes)
         # Patients differ in grade too (some benign lesions look atypical, some carcinomas bland).
         pat_grade = rng.normal(0.3 if cls == "b" else 0.7, 0.05, n_pat)
-        g = pat_grade[pid] + rng.normal(0, 0.1, count)
+        g = pat_grade[pid] + rng.normal(0, 0.08, count)
         grades[start : start + count] = np.clip(g, 0.0, 1.0)
         patients += [f"syn{cls}{p:03d}" for p in pid]
-        h = np.abs(_H + rng.normal(0, 0.06, (n_pat, 3)))
-        e = np.abs(_E + rng.normal(0, 0.06, (n_pat, 3)))
+        h = np.abs(_H + rng.normal(0, 0.04, (n_pat, 3)))
+        e = np.abs(_E + rng.normal(0, 0.04, (n_pat, 3)))
         pat = (
             h / np.linalg.norm(h, axis=1, keepdims=True),
             e / np.linalg.norm(e, axis=1, keepdims=True),
-            _stratified(rng, n_pat, 0.7, 1.3),
-            _stratified(rng, n_pat, 0.6, 1.4),
+            _stratified(rng, n_pat, 0.8, 1.2),
+            _stratified(rng, n_pat, 0.75, 1.25),
             _stratified(rng, n_pat, 0.92, 1.04),
         )
         for lst, arr in zip(cols, pat, strict=True):
