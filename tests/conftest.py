@@ -11,8 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOSHIELD_SHARED", REPO.parent / "shared")) / "data"
 
-# Two cores: keep torch from oversubscribing them while tests run.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests use tiny tensors: one thread avoids waiting on a second (often busy) core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
