@@ -288,11 +288,6 @@ def test_split_csv_extra_columns_are_ignored(
     assert info["classes"] == {"benign": 3, "malignant": 3} and info["problems"] == []
 
 
-@pytest.mark.xfail(
-    reason="evaluation/robustness.py (attack engineer): --batch-size 0 reaches range()",
-    raises=ValueError,
-    strict=True,
-)
 def test_attack_batch_size_zero_is_refused(
     fx: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -78,6 +78,7 @@ def data_synth(
 # ---- train / evaluate / predict -----------------------------------------------------------
 
 _RESUME_HELP = "Continue the run in RUN (or --out) from its last.pt, with its config.yaml."
+_SKIP_BAD_HELP = "Skip bad image files (with a warning) instead of stopping."
 
 
 @app.command("train")
@@ -150,6 +151,7 @@ def evaluate_cmd(
     subset: str = typer.Option("test", "--subset", help="train | val | test | all."),
     only: str | None = typer.Option(None, "--only", help="Only images of this class."),
     purify: str | None = typer.Option(None, "--purify", help="e.g. jpeg:quality=75."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
@@ -160,7 +162,14 @@ def evaluate_cmd(
     from histoshield.runtime import _json_safe
 
     m = evaluate_checkpoint(
-        checkpoint, data=data, split=split, subset=subset, only=only, purify=purify, device=device
+        checkpoint,
+        data=data,
+        split=split,
+        subset=subset,
+        only=only,
+        purify=purify,
+        skip_bad=skip_bad,
+        device=device,
     )
     typer.echo(json.dumps(_json_safe(m)) if json_out else format_metrics(m))
 
@@ -209,16 +218,17 @@ def attack_cmd(
     purify: str | None = typer.Option(None, "--purify", help="e.g. jpeg:quality=75."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per attack batch."),
     limit: int | None = typer.Option(None, "--limit", help="Attack at most N images."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
     """Accuracy under attack per eps (Wilson CI), success rate, L∞/L2, PSNR/SSIM, self-checks."""
-    from histoshield.attacks import parse_eps
+    from histoshield.attacks import parse_value
     from histoshield.evaluation.robustness import attack_checkpoint, format_rows, rows_json
 
     params = {"steps": steps, "restarts": restarts, "max_queries": max_queries}
     if alpha is not None:
-        params["alpha"] = parse_eps(alpha)[0]
+        params["alpha"] = parse_value(alpha, "--alpha")
     res = attack_checkpoint(
         checkpoint,
         attack=attack,
@@ -236,6 +246,7 @@ def attack_cmd(
         batch_size=batch_size,
         limit=limit,
         seed=seed,
+        skip_bad=skip_bad,
         device=device,
         progress=not json_out,
     )

@@ -6,29 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers_models import one_torch_thread, tiny_cnn
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
-    a second core (tests here run several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_cnn(num_classes: int = 2, seed: int = 0) -> nn.Module:
-    """A 2-layer CNN on 16 px images (random weights, fixed by `seed`)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4),
-        nn.Flatten(),
-        nn.Linear(128, num_classes),
-    ).eval()
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

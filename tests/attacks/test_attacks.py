@@ -8,8 +8,7 @@ from torch import nn
 
 import histoshield.attacks as A
 from histoshield.errors import HistoshieldError
-
-from .conftest import tiny_cnn
+from tests.helpers_models import tiny_cnn
 
 FAST = {
     "fgsm": {},
@@ -167,6 +166,14 @@ def test_parse_eps_rejects(text):
         A.parse_eps(text)
 
 
+def test_parse_value_names_what_it_parses():
+    assert A.parse_value(" 3/255 ", "--alpha") == pytest.approx(3 / 255)
+    for text in ("xyz", "-1/255", "1/0", ""):
+        with pytest.raises(HistoshieldError, match="^(bad )?--alpha ") as e:
+            A.parse_value(text, "--alpha")
+        assert "eps" not in str(e.value)
+
+
 def test_clear_errors(model, batch):
     x, y = batch
     with pytest.raises(HistoshieldError, match="unknown attack"):
@@ -177,6 +184,9 @@ def test_clear_errors(model, batch):
         A.create("pgd", model, steps=0)
     with pytest.raises(HistoshieldError, match="eps"):
         A.create("pgd", model, eps=-0.1)
+    for bad in (0, -4, 2.5):
+        with pytest.raises(HistoshieldError, match="batch_size"):
+            A.create("fgsm", model, batch_size=bad)
     with pytest.raises(HistoshieldError, match="unknown target class"):
         A.create("pgd", model, target="tumour", classes=["benign", "malignant"])
     with pytest.raises(HistoshieldError, match="equals the true label"):

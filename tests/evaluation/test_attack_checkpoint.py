@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,16 +12,6 @@ from typer.testing import CliRunner
 
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.predict import load_eval_data, load_records
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
-    a second core (tests here run several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +161,60 @@ def test_attack_harness_on_real_tiles(shared_tiles, tmp_path):
         assert r["linf_max"] <= e + 1e-6 and r["clean_correct"] >= r["adv_correct"]
     assert rows[1]["adv_correct"] <= rows[0]["adv_correct"]
     assert {c["check"] for c in res["sanity"]} >= {"accuracy_non_increasing"}
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the real console entry point `histoshield ARGS`."""
+    from histoshield import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(args))
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--attack", "nosuch"], "nosuch"),
+        (["--attack", "fgsm", "--steps", "3"], "steps"),
+        (["--attack", "pgd", "--steps", "0"], "steps"),
+        (["--attack", "pgd", "--alpha", "xyz"], "--alpha 'xyz'"),
+        (["--attack", "pgd", "--alpha", "-1/255"], "--alpha"),
+        (["--eps", "abc"], "abc"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_cli_attack_bad_request_fails_before_loading_data(run, capsys, monkeypatch, extra, needle):
+    import histoshield.evaluation.predict as predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("data loaded before the attack request was checked")
+
+    monkeypatch.setattr(predict, "load_eval_data", never)
+    root, _ = run
+    code, _, err = _main(capsys, "attack", "-c", str(root / "best.pt"), *extra)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err
+    if "--alpha" in extra:  # parsed like eps, but the message names the flag given
+        assert "eps" not in err
+
+
+def test_evaluate_and_attack_skip_bad(run, tmp_path, capsys):
+    root, iset = run
+    data = tmp_path / "data"
+    for label in ("benign", "malignant"):
+        (data / label).mkdir(parents=True)
+        for r in [r for r in iset.records if r.label == label][:2]:
+            shutil.copy(r.path, data / label / Path(r.path).name)
+    (data / "benign" / "zero.png").write_bytes(b"")
+    base = ["-c", str(root / "best.pt"), "--data", str(data), "--subset", "all"]
+    code, _, err = _main(capsys, "evaluate", *base)
+    assert code == 2 and "zero.png" in err and "--skip-bad" in err
+    code, out, err = _main(capsys, "evaluate", *base, "--skip-bad", "--json")
+    assert code == 0 and json.loads(out)["n"] == 4
+    assert err.startswith("warning: ") and "zero.png" in err
+    args = [*base, "--skip-bad", "--eps", "2/255", "--json", "--out", str(tmp_path / "a")]
+    code, out, err = _main(capsys, "attack", *args)
+    assert code == 0 and [r["n"] for r in json.loads(out)] == [4]
+    assert "zero.png" in err

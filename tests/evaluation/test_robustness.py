@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.metrics import wilson_ci
@@ -18,34 +17,14 @@ from histoshield.evaluation.robustness import (
     plot_curves,
     run_attack_experiment,
 )
+from tests.helpers_models import tiny_cnn
 
 CLASSES = ["benign", "malignant"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
-    a second core (tests here run several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4),
-        nn.Flatten(),
-        nn.Linear(128, 2),
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def setup():
-    model = _cnn()
+    model = tiny_cnn()
     # uint8-exact images so the lossless PNG check can compare exactly
     x = torch.randint(0, 256, (20, 3, 16, 16), generator=torch.Generator().manual_seed(0)) / 255
     y = torch.tensor([0, 1] * 10)
@@ -94,7 +73,7 @@ def test_only_and_target(setup):
 
 def test_transfer_is_scored_on_the_other_model(setup):
     model, x, y = setup
-    other = _cnn(seed=7)
+    other = tiny_cnn(seed=7)
     rows = evaluate_attack(
         model, x, y, attack="fgsm", eps_list=[0], transfer_model=other, progress=False
     )

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from histoshield.evaluation.robustness import evaluate_attack
 from histoshield.evaluation.sanity import check_monotone, run_checks, warnings_of
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded 2-core machine every small op otherwise waits for
-    a second core (tests here run several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4),
-        nn.Flatten(),
-        nn.Linear(128, 2),
-    ).eval()
+from tests.helpers_models import tiny_cnn
 
 
 class _Round(nn.Module):
@@ -53,7 +32,7 @@ def _checks(model, attack="fgsm"):
 
 
 def test_honest_model_passes():
-    checks = _checks(_cnn())
+    checks = _checks(tiny_cnn())
     assert set(checks) >= {
         "accuracy_non_increasing",
         "gradients_nonzero_finite",
@@ -65,7 +44,7 @@ def test_honest_model_passes():
 
 
 def test_masked_model_is_flagged_not_crashed():
-    checks = _checks(nn.Sequential(_Round(), _cnn()))
+    checks = _checks(nn.Sequential(_Round(), tiny_cnn()))
     assert not checks["gradients_nonzero_finite"]["passed"]
     assert not checks["unbounded_eps_accuracy_near_zero"]["passed"]
     msgs = warnings_of(checks.values())

@@ -14,7 +14,7 @@ from torch import nn
 
 from histoshield.attacks.apgd import APGDCE, APGDMargin
 from histoshield.attacks.autoattack import AutoAttackBinary
-from histoshield.attacks.base import Attack, parse_eps, resolve_class
+from histoshield.attacks.base import Attack, parse_eps, parse_value, resolve_class
 from histoshield.attacks.bim import BIM
 from histoshield.attacks.cw import CWL2
 from histoshield.attacks.deepfool import DeepFool
@@ -44,7 +44,16 @@ REGISTRY: dict[str, type[Attack]] = {
     )
 }
 
-__all__ = ["Attack", "available", "create", "parse_eps", "resolve_class", "run", "REGISTRY"]
+__all__ = [
+    "Attack",
+    "available",
+    "create",
+    "parse_eps",
+    "parse_value",
+    "resolve_class",
+    "run",
+    "REGISTRY",
+]
 
 
 def available() -> list[str]:

@@ -23,22 +23,29 @@ def parse_eps(text: str | float | Sequence[float | str]) -> list[float]:
         parts = [p.strip() for p in text.split(",")]
     else:
         parts = list(text)
-    out: list[float] = []
-    for p in parts:
-        try:
-            value = float(Fraction(str(p).strip())) if str(p).strip() else math.nan
-        except (ValueError, ZeroDivisionError):
-            value = math.nan
-        if not math.isfinite(value):
-            raise HistoshieldError(
-                f"bad eps {p!r} in {text!r}: give numbers or fractions like 0,1/255,8/255,0.0314"
-            )
-        if value < 0:
-            raise HistoshieldError(f"eps must be >= 0, got {p!r}: use e.g. 0,1/255,8/255")
-        out.append(value)
+    out = [parse_value(p, "eps", context=text, example="0,1/255,8/255,0.0314") for p in parts]
     if not out:
         raise HistoshieldError("no eps given: use e.g. --eps 0,1/255,8/255")
     return out
+
+
+def parse_value(
+    text: str | float, what: str, *, context: Any = None, example: str = "2/255"
+) -> float:
+    """Parse one number or fraction >= 0 ('1/255', '0.0314'); `what` names it in errors."""
+    s = str(text).strip()
+    try:
+        value = float(Fraction(s)) if s else math.nan
+    except (ValueError, ZeroDivisionError):
+        value = math.nan
+    where = f" in {context!r}" if context is not None and context != text else ""
+    if not math.isfinite(value):
+        raise HistoshieldError(
+            f"bad {what} {text!r}{where}: use numbers or fractions, e.g. {example}"
+        )
+    if value < 0:
+        raise HistoshieldError(f"{what} must be >= 0, got {text!r}: use e.g. {example}")
+    return value
 
 
 def resolve_class(value: int | str, classes: Sequence[str] | None, what: str = "target") -> int:
@@ -100,7 +107,7 @@ class Attack:
         self.target = None if target is None else resolve_class(target, self.classes)
         self.seed = int(seed)
         self.eot = check_steps(eot if eot is not None else getattr(model, "default_eot", 1), "eot")
-        self.batch_size = batch_size
+        self.batch_size = None if batch_size is None else check_steps(batch_size, "batch_size")
         self.generator: torch.Generator | None = None
         self.queries: torch.Tensor | None = None  # model queries per image (black-box attacks)
         self.grad_stats = {"n": 0, "zero": 0, "nan": 0}

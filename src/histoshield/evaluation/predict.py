@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def load_records(
     subset: str = "test",
     unsplit: str = "all",
     config: dict[str, Any] | None = None,
+    skip_bad: bool = False,
 ) -> tuple[list[Record], str, str]:
     """Records of `subset` for a checkpoint, with the subset used and their source.
 
@@ -90,6 +92,7 @@ def load_records(
     keeps its split); the run's `split.csv` beside the checkpoint. Data without a split is used
     whole (`unsplit="all"`, subset becomes "all") or split again with the training run's
     settings from `config` (`unsplit="resplit"`, which reproduces the run's split of that data).
+    Bad image files stop the load unless `skip_bad`; skipped files are warned about on stderr.
     """
     from histoshield import data as hd
 
@@ -98,15 +101,16 @@ def load_records(
     if unsplit not in ("all", "resplit"):
         raise HistoshieldError(f"unknown unsplit rule {unsplit!r}: use 'all' or 'resplit'")
     run_split = Path(checkpoint).expanduser().parent / "split.csv"
+    on_bad = "skip" if skip_bad else "raise"
     if split is not None:
         sp = Path(split).expanduser()
         if not sp.is_file():
             raise HistoshieldError(
                 f"split file not found: {sp} (pass the split.csv of the training run)"
             )
-        iset, source = hd.read_split(sp), str(sp)
+        iset, source = hd.read_split(sp, on_bad=on_bad), str(sp)
     elif data is not None:
-        iset, source = hd.load_imageset(data), str(data)
+        iset, source = hd.load_imageset(data, on_bad=on_bad), str(data)
         if unsplit == "resplit" and not any(r.split for r in iset.records):
             cfg = config or {}
             iset = hd.make_split(
@@ -117,11 +121,13 @@ def load_records(
                 seed=cfg.get("seed", 0),
             )
     elif run_split.is_file():
-        iset, source = hd.read_split(run_split), str(run_split)
+        iset, source = hd.read_split(run_split, on_bad=on_bad), str(run_split)
     else:
         raise HistoshieldError(
             f"no data to evaluate: pass --split (e.g. {run_split}) or --data PATH"
         )
+    for problem in iset.problems:  # e.g. files skipped with --skip-bad: never silently
+        print(f"warning: {problem}", file=sys.stderr)
     if subset == "all" or not any(r.split for r in iset.records):
         return list(iset.records), "all", source
     records = iset.subset(subset)
@@ -142,6 +148,7 @@ def load_eval_data(
     exclude: str | None = None,
     limit: int | None = None,
     unsplit: str = "all",
+    skip_bad: bool = False,
     device: torch.device | str = "auto",
     progress: bool = False,
 ) -> EvalData:
@@ -161,7 +168,13 @@ def load_eval_data(
     classes = list(model.classes)
     config = (getattr(model, "meta", None) or {}).get("config") or {}
     records, used, source = load_records(
-        checkpoint, data=data, split=split, subset=subset, unsplit=unsplit, config=config
+        checkpoint,
+        data=data,
+        split=split,
+        subset=subset,
+        unsplit=unsplit,
+        config=config,
+        skip_bad=skip_bad,
     )
     unknown = sorted({r.label for r in records} - set(classes))
     if unknown:
@@ -196,12 +209,21 @@ def evaluate_checkpoint(
     only: str | None = None,
     purify: str | None = None,
     batch_size: int = 64,
+    skip_bad: bool = False,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Clinical metrics of a checkpoint on one subset of a split (or all of a data set)."""
     from histoshield.evaluation.metrics import classification_metrics
 
-    ev = load_eval_data(checkpoint, data=data, split=split, subset=subset, only=only, device=device)
+    ev = load_eval_data(
+        checkpoint,
+        data=data,
+        split=split,
+        subset=subset,
+        only=only,
+        skip_bad=skip_bad,
+        device=device,
+    )
     model, x, y, classes, dev = ev.model, ev.x, ev.y.numpy(), ev.classes, ev.device
     if purify:
         from histoshield.defenses import purify as purify_mod

@@ -15,21 +15,7 @@ import torch
 from torch import nn
 
 from histoshield.errors import HistoshieldError
-
-try:  # the training engineer's implementation, shared with every other accuracy CI
-    from histoshield.evaluation.metrics import wilson_ci
-except ImportError:  # pragma: no cover - only while metrics.py is missing
-
-    def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-        """Wilson score interval for k successes out of n (None when n == 0)."""
-        if n <= 0:
-            return None
-        p = k / n
-        d = 1 + z * z / n
-        c = (p + z * z / (2 * n)) / d
-        h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-        return (max(0.0, c - h), min(1.0, c + h))
-
+from histoshield.evaluation.metrics import wilson_ci
 
 N_EXAMPLES = 8
 
@@ -67,6 +53,25 @@ def _quality(x: torch.Tensor, adv: torch.Tensor) -> dict[str, float | None]:
         "psnr_mean": float(np.mean(psnr)) if psnr else None,
         "ssim_mean": float(np.nanmean(ssim)) if ssim and not np.all(np.isnan(ssim)) else None,
     }
+
+
+def check_attack(
+    attack: str,
+    eps_values: Sequence[float],
+    params: dict[str, Any] | None = None,
+    *,
+    batch_size: int = 32,
+    model: nn.Module | None = None,
+    **kwargs: Any,
+) -> None:
+    """Fail fast, before any image is decoded or attacked, on a bad attack name, parameter,
+    eps or batch size (a stand-in model when the real one is not loaded yet)."""
+    from histoshield.attacks import create
+    from histoshield.attacks.base import check_steps
+
+    check_steps(batch_size, "--batch-size")
+    stand_in = model if model is not None else nn.Identity()
+    create(attack, stand_in, eps=eps_values[0], batch_size=batch_size, **(params or {}), **kwargs)
 
 
 def select(
@@ -130,13 +135,13 @@ def evaluate_attack(
     classes = list(classes) if classes is not None else getattr(model, "classes", None)
     y = torch.as_tensor(y).long().reshape(-1)
     idx, only_i, target_i = select(y, classes, only=only, target=target)
+    kw = {"target": target_i, "classes": classes}
+    check_attack(attack, eps_values, params, batch_size=batch_size, model=model, **kw)
     n_excluded = len(y) - len(idx)
     x, y = x[idx], y[idx]
     judge = transfer_model if transfer_model is not None else model
     p_clean = _probs(judge, x, batch_size)
     clean_ok = p_clean.argmax(1) == y
-    # Build once with the first eps so a bad name or parameter fails before any work.
-    create(attack, model, eps=eps_values[0], target=target_i, classes=classes, **params)
     rows: list[dict] = []
     bar = _progress(eps_values, progress, attack)
     for eps in bar:
@@ -401,6 +406,7 @@ def attack_checkpoint(
     batch_size: int = 32,
     limit: int | None = None,
     seed: int = 0,
+    skip_bad: bool = False,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -413,6 +419,7 @@ def attack_checkpoint(
     from histoshield.runtime import environment, seed_everything, write_json, write_text
 
     eps_values = parse_eps(eps)
+    check_attack(attack, eps_values, params, batch_size=batch_size)
     seed_everything(seed)
     if only is not None and target is not None and only == target:
         raise HistoshieldError(
@@ -427,6 +434,7 @@ def attack_checkpoint(
         only=only,
         exclude=target,  # images already of the target class cannot be pushed towards it
         limit=limit,
+        skip_bad=skip_bad,
         device=device,
         progress=progress,
     )
