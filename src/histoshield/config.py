@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from histoshield.errors import HistoshieldError
+from histoshield.specs import parse_number
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -129,19 +130,11 @@ def parse_eps_value(v: Any) -> float:
     """One eps in pixel units from a number or a string such as '2/255' or '0.0078'."""
     if isinstance(v, bool):
         raise ValueError(f"eps must be a number or 'a/b', got {v!r}")
-    if isinstance(v, (int, float)):
-        f = float(v)
-    else:
-        s = str(v).strip()
-        try:
-            if "/" in s:
-                num, den = s.split("/", 1)
-                f = float(num) / float(den)
-            else:
-                f = float(s)
-        except (ValueError, ZeroDivisionError) as e:
-            raise ValueError(f"eps {v!r} is not a number or 'a/b' such as '2/255'") from e
-    if not f >= 0 or f > 1:
+    try:
+        f = parse_number(v, "eps")
+    except HistoshieldError:  # pydantic validators report ValueErrors
+        raise ValueError(f"eps {v!r} is not a number or 'a/b' such as '2/255'") from None
+    if not 0 <= f <= 1:
         raise ValueError(f"eps {v!r} must lie in [0, 1] (pixel units)")
     return f
 

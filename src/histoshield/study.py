@@ -26,6 +26,7 @@ import torch
 from histoshield.config import StudyConfig, TrainConfig, dump_config, load_config
 from histoshield.errors import HistoshieldError
 from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
+from histoshield.specs import parse_number, split_spec
 
 STATE = "state.json"
 RESULTS = "results.json"
@@ -321,30 +322,25 @@ def _eps_255(eps: float) -> float:
 
 def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'pgd:steps=10,restarts=1' → ('pgd', {'steps': 10, 'restarts': 1})."""
-    name, _, rest = spec.partition(":")
+    name, items = split_spec(spec)
     params: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, val = part.partition("=")
-        if not eq:
+    for key, raw in items:
+        if raw is None:
             raise HistoshieldError(f"bad attack spec {spec!r}: write name:key=value,key=value")
-        params[key.strip()] = _value(val.strip())
-    return name.strip().lower(), params
+        params[key] = _value(raw)
+    return name, params
 
 
 def _value(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if "/" in text:
-        from histoshield.config import parse_eps_value
-
-        try:
-            return parse_eps_value(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+    """An int, else a number or fraction, else true/false, else the text itself."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return parse_number(text, "value")
+    except HistoshieldError:
+        return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _attack(

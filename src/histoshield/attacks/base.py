@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoshield.errors import HistoshieldError
+from histoshield.specs import parse_number
 
 
 def parse_eps(text: str | float | Sequence[float | str]) -> list[float]:
@@ -33,16 +33,7 @@ def parse_value(
     text: str | float, what: str, *, context: Any = None, example: str = "2/255"
 ) -> float:
     """Parse one number or fraction >= 0 ('1/255', '0.0314'); `what` names it in errors."""
-    s = str(text).strip()
-    try:
-        value = float(Fraction(s)) if s else math.nan
-    except (ValueError, ZeroDivisionError):
-        value = math.nan
-    where = f" in {context!r}" if context is not None and context != text else ""
-    if not math.isfinite(value):
-        raise HistoshieldError(
-            f"bad {what} {text!r}{where}: use numbers or fractions, e.g. {example}"
-        )
+    value = parse_number(text, what, context=context, example=example)
     if value < 0:
         raise HistoshieldError(f"{what} must be >= 0, got {text!r}: use e.g. {example}")
     return value

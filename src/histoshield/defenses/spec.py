@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from histoshield.errors import HistoshieldError
+from histoshield.specs import parse_number as parse_float
+from histoshield.specs import split_spec
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,10 @@ def parse_number(text: str, kind: type) -> Any:
         raise ValueError(text)
     if kind is int:
         return int(text)
-    if "/" in text:
-        num, den = text.split("/", 1)
-        value = float(Fraction(num.strip()) / Fraction(den.strip()))
-    else:
-        value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
+    try:
+        return parse_float(text, "value")
+    except HistoshieldError:
+        raise ValueError(text) from None
 
 
 def format_value(value: Any, param: Param) -> str:
@@ -66,8 +62,7 @@ def parse_spec(
         raise HistoshieldError(
             f"empty {what} spec: use NAME[:key=value,...] with NAME one of {', '.join(registry)}"
         )
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
+    name, items = split_spec(spec)
     if name not in registry:
         raise HistoshieldError(
             f"unknown {what} '{name}' in '{spec}': choose one of {', '.join(registry)}"
@@ -75,16 +70,15 @@ def parse_spec(
     schema = registry[name]
     params: dict[str, Any] = {k: p.default for k, p in schema.items()}
     seen: set[str] = set()
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, text = item.partition("=")
-        key = key.strip().lower().replace("-", "_")
+    for key, text in items:
+        key = key.lower().replace("-", "_")
         valid = ", ".join(schema) or "none"
         if key not in schema:
             raise HistoshieldError(
                 f"unknown parameter '{key}' for {what} '{name}' in '{spec}': "
                 f"valid parameters are {valid}"
             )
-        if not eq or not text.strip():
+        if not text:
             raise HistoshieldError(f"{what} '{name}': parameter '{key}' needs a value ({key}=...)")
         if key in seen:
             raise HistoshieldError(f"{what} '{name}': parameter '{key}' is given twice in '{spec}'")
@@ -92,13 +86,13 @@ def parse_spec(
         p = schema[key]
         try:
             value = parse_number(text, p.kind)
-        except (ValueError, ZeroDivisionError):
+        except ValueError:
             kind = {float: "a number (fractions like 2/255 work)", int: "an integer"}.get(
                 p.kind, "true or false"
             )
-            raise HistoshieldError(f"{what} '{name}': {key}={text.strip()} is not {kind}") from None
+            raise HistoshieldError(f"{what} '{name}': {key}={text} is not {kind}") from None
         if p.check is not None and not p.check(value):
-            raise HistoshieldError(f"{what} '{name}': {key} must be {p.rule} (got {text.strip()})")
+            raise HistoshieldError(f"{what} '{name}': {key} must be {p.rule} (got {text})")
         params[key] = value
     return name, params
 
