@@ -4,7 +4,7 @@
     python benchmarks/study_stages.py --run runs/study     # read a finished run's results.json
     python benchmarks/study_stages.py --config configs/cpu.yaml --out runs/cpu-bench
 
-Prints a table and writes JSON (--json-out, default benchmarks/study_stages.json).
+Prints a table and writes JSON (--json-out, default benchmarks/results/study_stages.json).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from histoshield.runtime import write_json
 
 
 def stage_table(results: dict) -> str:
@@ -32,7 +34,9 @@ def main() -> None:
     ap.add_argument("--run", help="read this finished study folder instead of running one")
     ap.add_argument("--config", default=None, help="study YAML or preset (default: default)")
     ap.add_argument("--out", default="runs/bench-study", help="run folder when running")
-    ap.add_argument("--json-out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument(
+        "--json-out", default=str(Path(__file__).parent / "results" / "study_stages.json")
+    )
     args = ap.parse_args()
 
     from histoshield.study import load_study_config, run_study
@@ -62,7 +66,7 @@ def main() -> None:
         "torch_threads": env.get("torch_threads"),
         "device": env.get("device"),
     }
-    Path(args.json_out).write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.json_out, payload)
     print(f"wrote {args.json_out}")
 
 
