@@ -18,7 +18,7 @@ import yaml
 import histoshield.study as S
 from histoshield.config import StudyConfig
 from histoshield.errors import HistoshieldError
-from tests.report.numcheck import foreign_numbers
+from tests.report.numcheck import foreign_numbers, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -64,19 +64,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, cache_env) -> Path:
     return tmp / "run"
 
 
-def _rows(md: str, title: str) -> list[list[str]]:
-    lines = md.splitlines()
-    i = next(k for k, line in enumerate(lines) if title in line)
-    rows = []
-    for line in lines[i + 2 :]:
-        if not line.startswith("|"):
-            if rows:
-                break
-            continue
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows[2:]
-
-
 def test_study_writes_report_with_the_papers_tables(tiny_run: Path) -> None:
     md = (tiny_run / "report.md").read_text()
     page = (tiny_run / "report.html").read_text()
@@ -90,26 +77,26 @@ def test_study_writes_report_with_the_papers_tables(tiny_run: Path) -> None:
     with open(tiny_run / "split.csv", newline="") as f:
         split = list(csv.DictReader(f))
     counts = Counter((r["label"], r["split"]) for r in split)
-    t1 = _rows(md, "Table 1.")
+    t1 = table_rows(md, "Table 1.")
     assert [r[0] for r in t1] == ["Benign", "Malignant", "Total"]
     for row, label in zip(t1, ("benign", "malignant"), strict=False):
         assert row[1:4] == [str(counts[label, s]) for s in ("train", "val", "test")]
     assert t1[2][4] == str(len(split))
 
-    assert [r[0] for r in _rows(md, "Table 2.")] == ["original", "gaussian"]
-    t3 = _rows(md, "Table 3.")
+    assert [r[0] for r in table_rows(md, "Table 2.")] == ["original", "gaussian"]
+    t3 = table_rows(md, "Table 3.")
     assert [r[0] for r in t3] == ["original", "gaussian"]
     n_mal = counts["malignant", "test"]
     assert all(r[1].endswith(f"/{n_mal}") and r[3].endswith(f"/{n_mal}") for r in t3)
-    curves = _rows(md, "Robustness curves (adversarial accuracy)")
+    curves = table_rows(md, "Robustness curves (adversarial accuracy)")
     assert {(r[0], r[1]) for r in curves} == {
         (m, a) for m in ("original", "gaussian") for a in TINY["curve_attacks"]
     }
     # eps = 0 is the clean accuracy, so the curve's first column equals Table 2's accuracy
-    t2 = {r[0]: r[2] for r in _rows(md, "Table 2.")}
+    t2 = {r[0]: r[2] for r in table_rows(md, "Table 2.")}
     assert all(r[2] == t2[r[0]] for r in curves)
-    assert _rows(md, "Certified accuracy (L2")
-    assert _rows(md, "Transfer attacks")[0][:2] == ["original", "gaussian"]
+    assert table_rows(md, "Certified accuracy (L2")
+    assert table_rows(md, "Transfer attacks")[0][:2] == ["original", "gaussian"]
     assert "## Sanity-check warnings" in md and results["sanity"]
     assert "## Methods" in md and "The paper does not report its eps" in md
     assert page.count('src="data:image/png;base64,') == 5  # figures 4, 5, 6, curves, certified

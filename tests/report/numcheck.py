@@ -68,3 +68,17 @@ def foreign_numbers(markdown: str, results: dict[str, Any]) -> list[str]:
         text = re.sub(pat, " ", text)
     ok = allowed_tokens(results)
     return [t for t in TOKEN.findall(text) if t not in ok]
+
+
+def table_rows(md: str, title: str) -> list[list[str]]:
+    """Body rows (cells stripped) of the first markdown table after the line holding `title`."""
+    lines = md.splitlines()
+    i = next(k for k, line in enumerate(lines) if title in line)
+    rows = []
+    for line in lines[i + 2 :]:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows[2:]  # drop header and separator

@@ -13,7 +13,7 @@ import pytest
 from histoshield.errors import HistoshieldError
 from histoshield.report import build_report
 from histoshield.report import tables as T
-from tests.report.numcheck import foreign_numbers
+from tests.report.numcheck import foreign_numbers, table_rows
 
 
 def _results() -> dict:
@@ -207,40 +207,27 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _table_rows(md: str, title: str) -> list[list[str]]:
-    lines = md.splitlines()
-    i = next(k for k, line in enumerate(lines) if title in line)
-    rows = []
-    for line in lines[i + 2 :]:
-        if not line.startswith("|"):
-            if rows:
-                break
-            continue
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows[2:]  # drop header and separator
-
-
 def test_report_tables_have_the_expected_rows(run_dir: Path) -> None:
     md_path, html_path = build_report(run_dir)
     md = md_path.read_text()
-    t1 = _table_rows(md, "Table 1.")
+    t1 = table_rows(md, "Table 1.")
     assert [r[0] for r in t1] == ["Benign", "Malignant", "Total"]
     assert t1[2][1:5] == ["321", "39", "40", "400"]
     assert t1[1][5] == "9/2/2"
-    t2 = _table_rows(md, "Table 2.")
+    t2 = table_rows(md, "Table 2.")
     assert [r[0] for r in t2] == ["original", "gaussian"]
     assert t2[0][2] == "92.50%" and t2[1][2] == "90.00%"
     assert t2[0][3] == "[80.10, 97.42]"
     assert "Majority-class baseline (always 'malignant'): 55.00% accuracy." in md
-    t3 = _table_rows(md, "Table 3.")
+    t3 = table_rows(md, "Table 3.")
     assert t3[0][1] == "90/91" and t3[0][3] == "10/91"
     assert t3[0][2] == f"{100 * 90 / 91:.2f}%" and t3[0][4] == f"{100 * 10 / 91:.2f}%"
-    curves = _table_rows(md, "Robustness curves (adversarial accuracy)")
+    curves = table_rows(md, "Robustness curves (adversarial accuracy)")
     assert len(curves) == 4  # 2 models × 2 attacks
     assert {(r[0], r[1]) for r in curves} == {
         (m, a) for m in ("original", "gaussian") for a in ("fgsm", "pgd")
     }
-    cert = _table_rows(md, "Certified accuracy (L2")
+    cert = table_rows(md, "Certified accuracy (L2")
     assert [r[0] for r in cert] == ["0.00", "0.05", "0.25"]
     assert "eps = 2/255" in md and "does not state its eps" in md
     # the failed sanity check is listed, the passed one is not
@@ -285,7 +272,7 @@ def test_rebuild_is_idempotent_and_reads_only_results(run_dir: Path) -> None:
     changed = [(a, b) for a, b in zip(md1.splitlines(), md2.splitlines(), strict=True) if a != b]
     assert len(changed) == 2  # the summary line and Table 2's row, nothing else
     assert all("92.50%" in a and "50.00%" in b for a, b in changed)
-    assert _table_rows(md2, "Table 2.")[0][2] == "50.00%"
+    assert table_rows(md2, "Table 2.")[0][2] == "50.00%"
 
 
 def test_missing_sections_render_without_error(tmp_path: Path) -> None:
