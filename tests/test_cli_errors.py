@@ -15,19 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histoshield import cli
+from tests.helpers_cli import run_cli
 
 BH = "BreaKHis_v1/histology_slides/breast"
-
-
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str):
-    """(exit code, stdout, stderr) of `histoshield ARGS`."""
-    monkeypatch.setattr(sys, "argv", ["histoshield", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    code = e.value.code
-    return (0 if code is None else int(code)), out.out, out.err
 
 
 def _png(path: Path, value: int, mode: str = "RGB") -> Path:
@@ -263,10 +253,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_error_line_and_exit_2(
-    case: str, fx: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    case: str, fx: dict[str, Path], capsys: pytest.CaptureFixture
 ) -> None:
     argv, expect = CASES[case]
-    code, out, err = run(monkeypatch, capsys, *[a.format(**fx) for a in argv])
+    code, out, err = run_cli(capsys, *[a.format(**fx) for a in argv])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2, (out, err)
     assert "Traceback" not in out + err
@@ -276,20 +266,18 @@ def test_bad_input_is_one_error_line_and_exit_2(
 
 
 def test_split_csv_extra_columns_are_ignored(
-    fx: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    fx: dict[str, Path], capsys: pytest.CaptureFixture
 ) -> None:
     import json
 
-    code, out, err = run(
-        monkeypatch, capsys, "data", "inspect", str(fx["t"] / "split_extra.csv"), "--json"
-    )
+    code, out, err = run_cli(capsys, "data", "inspect", str(fx["t"] / "split_extra.csv"), "--json")
     assert code == 0, err
     info = json.loads(out)
     assert info["classes"] == {"benign": 3, "malignant": 3} and info["problems"] == []
 
 
 def test_attack_batch_size_zero_is_refused(
-    fx: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    fx: dict[str, Path], capsys: pytest.CaptureFixture
 ) -> None:
     argv = [
         "attack",
@@ -304,7 +292,7 @@ def test_attack_batch_size_zero_is_refused(
         "--batch-size",
         "0",
     ]
-    code, out, err = run(monkeypatch, capsys, *[a.format(**fx) for a in argv])
+    code, out, err = run_cli(capsys, *[a.format(**fx) for a in argv])
     assert code == 2 and err.startswith("error: ") and "--batch-size" in err
 
 
@@ -317,7 +305,7 @@ def test_ctrl_c_is_a_clean_message(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(histoshield.data, "synthesize", interrupted)
-    code, out, err = run(monkeypatch, capsys, "data", "synth", "--out", str(fx["t"] / "s2"))
+    code, out, err = run_cli(capsys, "data", "synth", "--out", str(fx["t"] / "s2"))
     assert code == 130
     assert err.startswith("error: interrupted") and len(err.strip().splitlines()) == 1
     assert "Traceback" not in out + err

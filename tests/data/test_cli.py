@@ -4,38 +4,27 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from histoshield import cli
 from tests.data.helpers import write_image
+from tests.helpers_cli import run_cli
 
 
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["histoshield", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    code = e.value.code
-    return (0 if code is None else int(code)), out.out, out.err
-
-
-def test_inspect_json_and_text(monkeypatch, capsys, class_tree: Path) -> None:
-    code, out, _ = run(monkeypatch, capsys, "data", "inspect", str(class_tree), "--json")
+def test_inspect_json_and_text(capsys, class_tree: Path) -> None:
+    code, out, _ = run_cli(capsys, "data", "inspect", str(class_tree), "--json")
     assert code == 0
     info = json.loads(out)
     assert set(info) >= {"layout", "n_images", "classes", "patients", "magnifications"}
     assert info["classes"] == {"benign": 3, "malignant": 3} and info["problems"] == []
-    code, out, _ = run(monkeypatch, capsys, "data", "inspect", str(class_tree))
+    code, out, _ = run_cli(capsys, "data", "inspect", str(class_tree))
     assert code == 0 and "benign" in out and "problems: none" in out
 
 
-def test_inspect_lists_problems_without_failing(monkeypatch, capsys, class_tree: Path) -> None:
+def test_inspect_lists_problems_without_failing(capsys, class_tree: Path) -> None:
     (class_tree / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    code, out, err = run(monkeypatch, capsys, "data", "inspect", str(class_tree), "--json")
+    code, out, err = run_cli(capsys, "data", "inspect", str(class_tree), "--json")
     assert code == 0
     info = json.loads(out)
     assert info["classes"]["benign"] == 3
@@ -43,7 +32,7 @@ def test_inspect_lists_problems_without_failing(monkeypatch, capsys, class_tree:
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "zero", "single_class", "bad_mag"])
-def test_bad_input_exits_2_with_one_line(monkeypatch, capsys, tmp_path: Path, kind: str) -> None:
+def test_bad_input_exits_2_with_one_line(capsys, tmp_path: Path, kind: str) -> None:
     target = tmp_path / "d"
     extra: list[str] = []
     if kind == "empty":
@@ -59,19 +48,19 @@ def test_bad_input_exits_2_with_one_line(monkeypatch, capsys, tmp_path: Path, ki
         write_image(target / "benign" / "a.png", value=1)
         extra = ["--magnification", "huge"]
     args = ["data", "split", str(target), "--out", str(tmp_path / "s.csv"), *extra]
-    code, out, err = run(monkeypatch, capsys, *args)
+    code, out, err = run_cli(capsys, *args)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "s.csv").exists()
 
 
-def test_split_writes_csv_and_table(monkeypatch, capsys, tmp_path: Path) -> None:
+def test_split_writes_csv_and_table(capsys, tmp_path: Path) -> None:
     for c in ("benign", "malignant"):
         for i in range(10):
             write_image(tmp_path / "d" / c / f"{i}.png", value=i + (50 if c == "malignant" else 0))
     out_csv = tmp_path / "s.csv"
     args = ["data", "split", str(tmp_path / "d"), "--out", str(out_csv), "--val", "0.2"]
-    code, out, _ = run(monkeypatch, capsys, *args, "--test", "0.2", "--by", "image")
+    code, out, _ = run_cli(capsys, *args, "--test", "0.2", "--by", "image")
     assert code == 0
     header = out.splitlines()[0].split()
     assert header == ["train", "val", "test", "total"]
@@ -81,25 +70,25 @@ def test_split_writes_csv_and_table(monkeypatch, capsys, tmp_path: Path) -> None
         assert len(list(csv.DictReader(f))) == 20
 
 
-def test_split_skip_bad(monkeypatch, capsys, class_tree: Path, tmp_path: Path) -> None:
+def test_split_skip_bad(capsys, class_tree: Path, tmp_path: Path) -> None:
     (class_tree / "benign" / "bad.png").write_text("no")
     out_csv = tmp_path / "s.csv"
-    code, _, err = run(monkeypatch, capsys, "data", "split", str(class_tree), "--out", str(out_csv))
+    code, _, err = run_cli(capsys, "data", "split", str(class_tree), "--out", str(out_csv))
     assert code == 2 and "bad.png" in err and "--skip-bad" in err
     args = ["data", "split", str(class_tree), "--out", str(out_csv), "--skip-bad"]
-    code, _, err = run(monkeypatch, capsys, *args, "--val", "0.34", "--test", "0.34")
+    code, _, err = run_cli(capsys, *args, "--val", "0.34", "--test", "0.34")
     assert code == 0 and "bad.png" in err
     assert "bad.png" not in out_csv.read_text()
 
 
-def test_synth_then_inspect(monkeypatch, capsys, tmp_path: Path) -> None:
+def test_synth_then_inspect(capsys, tmp_path: Path) -> None:
     out_dir = tmp_path / "syn"
     args = ["data", "synth", "--out", str(out_dir), "--n", "10", "--size", "32"]
-    code, out, _ = run(monkeypatch, capsys, *args)
+    code, out, _ = run_cli(capsys, *args)
     assert code == 0 and "10 tiles" in out
-    code, out, _ = run(monkeypatch, capsys, "data", "inspect", str(out_dir), "--json")
+    code, out, _ = run_cli(capsys, "data", "inspect", str(out_dir), "--json")
     info = json.loads(out)
     assert info["classes"] == {"benign": 5, "malignant": 5}
     assert sum(info["patients"].values()) >= 4
-    code, _, err = run(monkeypatch, capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert code == 2 and "not empty" in err

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from histoshield import cli
 from histoshield.data import load_imageset, make_split
+from tests.helpers_cli import run_cli
 
 pytestmark = pytest.mark.shared_data
 
@@ -41,12 +40,10 @@ def expected_from_manifest(folder: Path) -> dict:
     }
 
 
-def inspect_json(monkeypatch, capsys, path: Path) -> dict:
-    monkeypatch.setattr(sys, "argv", ["histoshield", "data", "inspect", str(path), "--json"])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    assert e.value.code in (0, None)
-    return json.loads(capsys.readouterr().out)
+def inspect_json(capsys, path: Path) -> dict:
+    code, out, err = run_cli(capsys, "data", "inspect", str(path), "--json")
+    assert code == 0, err
+    return json.loads(out)
 
 
 def _same(got: dict, want: dict) -> None:
@@ -54,23 +51,23 @@ def _same(got: dict, want: dict) -> None:
         assert got[key] == value, key
 
 
-def test_breakhis_tree(monkeypatch, capsys, shared_breakhis: Path) -> None:
+def test_breakhis_tree(capsys, shared_breakhis: Path) -> None:
     want = expected_from_manifest(shared_breakhis)
     assert want["patients"] == {"benign": 8, "malignant": 9}
-    tree = inspect_json(monkeypatch, capsys, shared_breakhis / "BreaKHis_v1")
+    tree = inspect_json(capsys, shared_breakhis / "BreaKHis_v1")
     assert tree["layout"] == "breakhis"
     _same(tree, want)
     # The folder itself holds manifest.csv and is read through it: same counts.
-    _same(inspect_json(monkeypatch, capsys, shared_breakhis), want)
+    _same(inspect_json(capsys, shared_breakhis), want)
 
 
-def test_breakhis_tiles(monkeypatch, capsys, shared_tiles: Path) -> None:
+def test_breakhis_tiles(capsys, shared_tiles: Path) -> None:
     want = expected_from_manifest(shared_tiles)
     assert want["patients"] == {"benign": 9, "malignant": 27}
-    got = inspect_json(monkeypatch, capsys, shared_tiles)
+    got = inspect_json(capsys, shared_tiles)
     assert got["layout"] == "manifest"
     _same(got, want)
-    _same(inspect_json(monkeypatch, capsys, shared_tiles / "manifest.csv"), want)
+    _same(inspect_json(capsys, shared_tiles / "manifest.csv"), want)
 
 
 def test_real_patient_split_has_no_leakage(shared_tiles: Path) -> None:

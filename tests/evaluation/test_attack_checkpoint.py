@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.predict import load_eval_data, load_records
+from tests.helpers_cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +164,6 @@ def test_attack_harness_on_real_tiles(shared_tiles, tmp_path):
     assert {c["check"] for c in res["sanity"]} >= {"accuracy_non_increasing"}
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of the real console entry point `histoshield ARGS`."""
-    from histoshield import cli
-
-    with pytest.raises(SystemExit) as e:
-        cli.main(list(args))
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
-
-
 @pytest.mark.parametrize(
     "extra,needle",
     [
@@ -193,7 +184,7 @@ def test_cli_attack_bad_request_fails_before_loading_data(run, capsys, monkeypat
 
     monkeypatch.setattr(predict, "load_eval_data", never)
     root, _ = run
-    code, _, err = _main(capsys, "attack", "-c", str(root / "best.pt"), *extra)
+    code, _, err = run_cli(capsys, "attack", "-c", str(root / "best.pt"), *extra)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert needle in err
     if "--alpha" in extra:  # parsed like eps, but the message names the flag given
@@ -209,12 +200,12 @@ def test_evaluate_and_attack_skip_bad(run, tmp_path, capsys):
             shutil.copy(r.path, data / label / Path(r.path).name)
     (data / "benign" / "zero.png").write_bytes(b"")
     base = ["-c", str(root / "best.pt"), "--data", str(data), "--subset", "all"]
-    code, _, err = _main(capsys, "evaluate", *base)
+    code, _, err = run_cli(capsys, "evaluate", *base)
     assert code == 2 and "zero.png" in err and "--skip-bad" in err
-    code, out, err = _main(capsys, "evaluate", *base, "--skip-bad", "--json")
+    code, out, err = run_cli(capsys, "evaluate", *base, "--skip-bad", "--json")
     assert code == 0 and json.loads(out)["n"] == 4
     assert err.startswith("warning: ") and "zero.png" in err
     args = [*base, "--skip-bad", "--eps", "2/255", "--json", "--out", str(tmp_path / "a")]
-    code, out, err = _main(capsys, "attack", *args)
+    code, out, err = run_cli(capsys, "attack", *args)
     assert code == 0 and [r["n"] for r in json.loads(out)] == [4]
     assert "zero.png" in err

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from histoshield import cli
 from histoshield.data import read_split
-
-
-def _run(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["histoshield", *argv])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
+from tests.helpers_cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +17,39 @@ def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli") / "run"
 
 
-def test_train_evaluate_predict(run_dir: Path, monkeypatch, capsys) -> None:
-    code, out, err = _run(
-        ["train", "--data", "synthetic:n=64,size=32", "--model", "smallcnn", "--epochs", "2",
-         "--image-size", "32", "--batch-size", "16", "--seed", "1", "--out", str(run_dir)],
-        monkeypatch, capsys,
-    )  # fmt: skip
+def test_train_evaluate_predict(run_dir: Path, capsys) -> None:
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--data",
+        "synthetic:n=64,size=32",
+        "--model",
+        "smallcnn",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--seed",
+        "1",
+        "--out",
+        str(run_dir),
+    )
     assert code == 0, err
     assert f"run {run_dir}" in out and "test accuracy" in out
     results = json.loads((run_dir / "results.json").read_text())
     assert results["config"]["seed"] == 1 and results["epochs_run"] == 2
 
-    code, out, err = _run(
-        ["evaluate", "--checkpoint", str(run_dir / "best.pt"), "--split",
-         str(run_dir / "split.csv"), "--json"], monkeypatch, capsys,
-    )  # fmt: skip
+    code, out, err = run_cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(run_dir / "best.pt"),
+        "--split",
+        str(run_dir / "split.csv"),
+        "--json",
+    )
     assert code == 0, err
     m = json.loads(out)
     keys = {"n", "accuracy", "accuracy_ci", "tp", "tn", "fp", "fn", "sensitivity",
@@ -51,26 +60,24 @@ def test_train_evaluate_predict(run_dir: Path, monkeypatch, capsys) -> None:
         assert m[k] == results["test"][k], k
     assert m["tp"] + m["tn"] + m["fp"] + m["fn"] == m["n"]
 
-    code, out, _ = _run(
-        ["evaluate", "-c", str(run_dir / "best.pt"), "--only", "malignant"], monkeypatch, capsys
+    code, out, _ = run_cli(
+        capsys, *["evaluate", "-c", str(run_dir / "best.pt"), "--only", "malignant"]
     )
     assert code == 0 and "confusion matrix" in out and "sensitivity" in out
     n_mal = sum(r.label == "malignant" for r in read_split(run_dir / "split.csv").subset("test"))
     assert f"n={n_mal}" in out
 
-    code, out, err = _run(
-        ["evaluate", "-c", str(run_dir / "best.pt"), "--purify", "median:k=3", "--json"],
-        monkeypatch, capsys,
-    )  # fmt: skip
+    code, out, err = run_cli(
+        capsys, "evaluate", "-c", str(run_dir / "best.pt"), "--purify", "median:k=3", "--json"
+    )
     assert code == 0, err
     pm = json.loads(out)
     assert pm["purify"] == "median:k=3" and pm["n"] == m["n"]
 
     img = [r.path for r in read_split(run_dir / "split.csv").subset("test")][:2]
-    code, out, err = _run(
-        ["predict", *map(str, img), "--checkpoint", str(run_dir / "best.pt"), "--json"],
-        monkeypatch, capsys,
-    )  # fmt: skip
+    code, out, err = run_cli(
+        capsys, "predict", *map(str, img), "--checkpoint", str(run_dir / "best.pt"), "--json"
+    )
     assert code == 0, err
     preds = json.loads(out)
     assert [p["image"] for p in preds] == [str(p) for p in img]
@@ -91,18 +98,18 @@ def test_train_evaluate_predict(run_dir: Path, monkeypatch, capsys) -> None:
         (["predict", "/nonexistent.png", "--checkpoint", "/nonexistent/best.pt"], "not found"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, monkeypatch, capsys) -> None:
+def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, capsys) -> None:
     if argv[0] == "train":
         argv = [*argv, "--out", str(tmp_path / "r")]
-    code, _, err = _run(argv, monkeypatch, capsys)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
 
 
-def test_only_unknown_class(run_dir: Path, monkeypatch, capsys) -> None:
+def test_only_unknown_class(run_dir: Path, capsys) -> None:
     if not (run_dir / "best.pt").is_file():
         pytest.skip("needs the trained run of test_train_evaluate_predict")
-    code, _, err = _run(
-        ["evaluate", "-c", str(run_dir / "best.pt"), "--only", "tumour"], monkeypatch, capsys
+    code, _, err = run_cli(
+        capsys, *["evaluate", "-c", str(run_dir / "best.pt"), "--only", "tumour"]
     )
     assert code == 2 and "tumour" in err and err.count("\n") == 1
