@@ -83,3 +83,19 @@ def test_single_class_and_empty() -> None:
     assert e["n"] == 0 and e["accuracy"] is None and e["accuracy_ci"] is None
     with pytest.raises(ValueError):
         classification_metrics([0, 1], [0])
+
+
+def test_degenerate_reason_fires_on_constant_and_chance_models_only():
+    from histoshield.evaluation.metrics import balanced_rate, class_rates, degenerate_reason
+
+    y = np.array([0] * 10 + [1] * 30)
+    assert "malignant for 100%" in degenerate_reason(y, np.ones(40, int), ["benign", "malignant"])
+    assert degenerate_reason(y, y) is None
+    chance = y.copy()
+    chance[:5] = 1  # benign half wrong
+    chance[10:25] = 0  # malignant half wrong
+    assert "balanced accuracy is 0.500" in degenerate_reason(y, chance)
+    # hand count: benign 7/10 correct, malignant 15/30 correct -> balanced 0.6
+    ok = np.array([True] * 7 + [False] * 3 + [True] * 15 + [False] * 15)
+    assert class_rates(ok, y) == {0: 0.7, 1: 0.5}
+    assert balanced_rate(ok, y) == pytest.approx(0.6)

@@ -111,3 +111,56 @@ def classification_metrics(
         out["patient_accuracy"] = None
         out["n_patients"] = 0
     return out
+
+
+# A model that gives one class to (almost) every image, or whose balanced accuracy is barely
+# above chance, makes "robust accuracy" meaningless: a constant "malignant" is 100% robust on
+# malignant images. These thresholds decide when every report says so.
+DEGENERATE_MAX_SHARE = 0.95
+DEGENERATE_MIN_BALANCED = 0.6
+
+
+def class_rates(correct: ArrayLike, y_true: ArrayLike) -> dict[int, float]:
+    """Per-class rate of `correct` (bool per image): {class index: fraction correct}."""
+    ok = _np(correct).astype(bool).reshape(-1)
+    yt = _np(y_true).astype(int).reshape(-1)
+    if ok.shape != yt.shape:
+        raise ValueError(f"correct has {ok.size} entries but y_true has {yt.size}")
+    return {int(c): float(ok[yt == c].mean()) for c in np.unique(yt)}
+
+
+def balanced_rate(correct: ArrayLike, y_true: ArrayLike) -> float | None:
+    """Mean over the classes present of the per-class rate of `correct` (balanced accuracy)."""
+    rates = class_rates(correct, y_true)
+    return float(np.mean(list(rates.values()))) if rates else None
+
+
+def degenerate_reason(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    classes: Sequence[str] | None = None,
+    *,
+    max_share: float = DEGENERATE_MAX_SHARE,
+    min_balanced: float = DEGENERATE_MIN_BALANCED,
+) -> str | None:
+    """Why these predictions are degenerate (near-constant or near-chance), or None."""
+    yt = _np(y_true).astype(int).reshape(-1)
+    yp = _np(y_pred).astype(int).reshape(-1)
+    if yt.size == 0:
+        return None
+    values, counts = np.unique(yp, return_counts=True)
+    top = int(values[counts.argmax()])
+    share = float(counts.max() / yp.size)
+    name = classes[top] if classes is not None and top < len(classes) else f"class {top}"
+    if share >= max_share and len(np.unique(yt)) > 1:
+        return (
+            f"the model predicts {name} for {share:.0%} of the images, so its robustness "
+            "numbers are not meaningful"
+        )
+    bal = balanced_rate(yt == yp, yt)
+    if len(np.unique(yt)) > 1 and bal is not None and bal < min_balanced:
+        return (
+            f"the model's balanced accuracy is {bal:.3f} (chance is 0.5), so its robustness "
+            "numbers are not meaningful"
+        )
+    return None
