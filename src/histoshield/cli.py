@@ -332,6 +332,54 @@ def study(
         typer.echo(f"report: {out}/report.html")
 
 
+# ---- cross-validation ---------------------------------------------------------------------
+
+
+@app.command("cv")
+def cv_cmd(
+    data: str | None = typer.Option(None, "--data", help="Folder or manifest CSV."),
+    folds: int | None = typer.Option(None, "--folds", help="Number of folds (default 5)."),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Train or study YAML (its train: and cv:), or a preset."
+    ),
+    out: str = typer.Option("runs/cv", "--out", help="Run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted CV."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for folds, training, attacks."),
+    group_by: str | None = typer.Option(
+        None, "--group-by", help="patient | image | both (both: the leak, side by side)."
+    ),
+    folds_file: str | None = typer.Option(None, "--folds-file", help="Reuse a folds.csv."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override the epochs."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Override the input side."),
+    target_sensitivity: float | None = typer.Option(
+        None, "--target-sensitivity", help="Pick each fold's threshold on its validation split."
+    ),
+    robustness: bool | None = typer.Option(
+        None, "--robustness/--no-robustness", help="Attack each fold's held-out images."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """K-fold cross-validation grouped by patient: pooled metrics with CIs, per-patient table."""
+    from histoshield.cv import resolve_cv_config, run_cv, run_leak_comparison
+
+    both = group_by == "both"
+    tcfg, cv = resolve_cv_config(
+        config,
+        cv_overrides={"folds": folds, "group_by": None if both else group_by,
+                      "robustness": robustness},
+        data=data, seed=seed, epochs=epochs, image_size=image_size,
+        target_sensitivity=target_sensitivity,
+    )  # fmt: skip
+    echo = (lambda s: None) if quiet else typer.echo
+    if both:
+        page = run_leak_comparison(tcfg, cv, out, resume=resume, progress=not quiet, echo=echo)
+        typer.echo(f"comparison: {page}")
+    else:
+        run_cv(tcfg, cv, out, resume=resume, folds_file=folds_file, progress=not quiet, echo=echo)
+        if quiet:
+            typer.echo(f"report: {out}/report.html")
+
+
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {' '.join(message.split())}", err=True)
     sys.exit(code)

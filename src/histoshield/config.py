@@ -54,6 +54,9 @@ class TrainConfig(Strict):
     early_stopping: int | None = Field(None, ge=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     defense: str | None = None
+    tta: bool = False  # average the logits over the 8 flips/rotations at evaluation (in-model)
+    backbone_lr_scale: float = Field(1.0, ge=0, le=1)  # lr of all but the head = lr * this
+    target_sensitivity: float | None = Field(None, gt=0, le=1)  # pick a threshold on val
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -151,6 +154,24 @@ class CertifyConfig(Strict):
     limit: int | None = Field(100, ge=1)  # at most this many test images (None = all)
 
 
+class CVConfig(Strict):
+    """Patient-level K-fold cross-validation (`histoshield cv`; a study config's `cv:` section)."""
+
+    folds: int = Field(5, ge=2)
+    group_by: Literal["patient", "image"] = "patient"
+    inner_val: float | None = Field(None, gt=0, lt=0.5)  # None → the train section's `val`
+    robustness: bool = True
+    eps: float = 2 / 255
+    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd:steps=7,restarts=1"])
+    only: str | None = "malignant"  # attack only this class's held-out images (Table 3)
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _one_eps(cls, v: Any) -> Any:
+        return parse_eps_value(v)
+
+
 class StudyConfig(Strict):
     """The paper's protocol end to end (`histoshield study`); `configs/*.yaml` hold presets."""
 
@@ -174,6 +195,7 @@ class StudyConfig(Strict):
     sanity: bool = True
     sanity_limit: int | None = Field(32, ge=1)  # test images the self-checks attack (None = all)
     batch_size: int = Field(64, ge=1)  # evaluation / attack batch
+    cv: CVConfig = Field(default_factory=CVConfig)  # used by `histoshield cv`, not by `study`
 
     @field_validator("table3_eps", mode="before")
     @classmethod

@@ -62,6 +62,7 @@ def save_checkpoint(
         "classes": list(model.classes),
         "image_size": model.image_size,
         "stain_norm": model.stain_norm,
+        "tta": model.tta,
         "config": _plain(config, "config"),
         "metrics": _plain(metrics, "metrics"),
         "extra": _plain(extra, "extra"),
@@ -96,6 +97,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         image_size=ckpt.get("image_size"),
         stain_norm=ckpt.get("stain_norm", "none"),
         pretrained=False,
+        tta=bool(ckpt.get("tta", False)),
     )
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)

@@ -243,6 +243,7 @@ def build(
     image_size: int | None = None,
     stain_norm: str = "none",
     pretrained: bool = True,
+    tta: bool = False,
 ) -> HistoModel:
     """`create`, with `pretrained=False` to build the architecture without reading weight files."""
     make = builder(name)
@@ -264,6 +265,7 @@ def build(
         shift=built.shift,
         image_size=image_size,
         stain_norm=stain_norm,
+        tta=tta,
     )
 
 
@@ -275,8 +277,12 @@ def create(
     classes: Sequence[str] | None = None,
     image_size: int | None = None,
     stain_norm: str = "none",
+    tta: bool = False,
 ) -> HistoModel:
-    """Build a model taking RGB [0,1] images (N,3,H,W) and returning logits (N,num_classes)."""
+    """Build a model taking RGB [0,1] images (N,3,H,W) and returning logits (N,num_classes).
+
+    `tta=True`: at evaluation the logits are averaged over the 8 flips/rotations (in-model).
+    """
     return build(
         name,
         weights,
@@ -284,4 +290,5 @@ def create(
         classes=classes,
         image_size=image_size,
         stain_norm=stain_norm,
+        tta=tta,
     )

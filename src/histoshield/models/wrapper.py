@@ -23,6 +23,9 @@ class HistoModel(nn.Module):
         image_size: side the backbone sees; inputs of another size are resized bilinearly with
             antialias off (differentiable, and exactly what deployment does). None: no resize.
         stain_norm: "none" | "reinhard" | "macenko"; fit with `fit_stain` on training images.
+        tta: in eval mode, average the logits over the 8 flips/rotations of the input (the
+            dihedral group D4). It is part of forward, so attacks differentiate through the same
+            function that is scored; 8x the cost of one pass. Training mode sees one view.
 
     Shape: (N,3,H,W) float in [0,1] -> (N,C) logits.
     """
@@ -38,8 +41,10 @@ class HistoModel(nn.Module):
         shift: Sequence[float],
         image_size: int | None = None,
         stain_norm: str = "none",
+        tta: bool = False,
     ) -> None:
         super().__init__()
+        self.tta = bool(tta)
         self.backbone = backbone
         self.stain = StainNorm(stain_norm)
         self.name = name
@@ -68,7 +73,12 @@ class HistoModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N,C) for RGB images (N,3,H,W) in [0,1]."""
-        return self.backbone(self.preprocess(x))
+        z = self.preprocess(x)
+        if not (self.tta and not self.training):
+            return self.backbone(z)
+        views = [torch.rot90(v, k, dims=(2, 3)) for v in (z, z.flip(3)) for k in range(4)]
+        n = z.shape[0]
+        return self.backbone(torch.cat(views)).view(8, n, -1).mean(0)
 
     def fit_stain(self, x: torch.Tensor) -> HistoModel:
         """Fit the stain-normalisation reference on training images (no-op for 'none')."""
@@ -82,7 +92,7 @@ class HistoModel(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, weights={self.weights!r}, classes={self.classes}, "
-            f"image_size={self.image_size}, stain_norm={self.stain_norm!r}"
+            f"image_size={self.image_size}, stain_norm={self.stain_norm!r}, tta={self.tta}"
         )
 
 

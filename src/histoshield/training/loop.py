@@ -164,6 +164,10 @@ class Data:
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD (momentum 0.9, Nesterov) with the configured weight decay."""
+    params = list(params)
+    for g in params:  # groups from `param_groups`: lr = cfg.lr * the group's scale
+        if isinstance(g, dict) and "lr_scale" in g:
+            g["lr"] = cfg.lr * g.pop("lr_scale")
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -171,6 +175,21 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
     )
+
+
+def param_groups(model: nn.Module, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """One group, or (scale != 1) the classifier head (the last Linear layer) at the full lr and
+    every other weight at lr * scale: pretrained features move less than the new head."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if backbone_lr_scale == 1.0:
+        return [{"params": params}]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise HistoshieldError("backbone_lr_scale needs a model with a Linear classifier head")
+    head_ids = {id(p) for p in linears[-1].parameters()}
+    head = [p for p in params if id(p) in head_ids]
+    rest = [p for p in params if id(p) not in head_ids]
+    return [{"params": rest, "lr_scale": backbone_lr_scale}, {"params": head, "lr_scale": 1.0}]
 
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
@@ -279,6 +298,7 @@ def _build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
         classes=classes,
         image_size=cfg.image_size,
         stain_norm=cfg.stain_norm,
+        tta=cfg.tta,
     )
 
 
@@ -365,7 +385,7 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
     if device.type == "cuda" and len(train_d) * train_d.x[0].numel() < 4 * 2**30:
         for d in (train_d, val_d):  # small enough: keep the uint8 images on the GPU
             d.x, d.y = d.x.to(device), d.y.to(device)
-    opt = make_optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, param_groups(model, cfg.backbone_lr_scale))
     sched = make_scheduler(cfg, opt)
 
     history: list[dict[str, Any]] = []
@@ -634,8 +654,34 @@ def _finish(
         "val": evaluate_split(best, val_d, classes, device),
         "test": evaluate_split(best, test_d, classes, device),
     }
+    if cfg.target_sensitivity is not None:
+        results.update(_operating_point(cfg, out, best, (val_d, test_d), classes, device))
     write_json(out / "results.json", results)
     return results
+
+
+def _operating_point(cfg, out, best, data, classes, device) -> dict[str, Any]:
+    """Pick the threshold on validation patients for cfg.target_sensitivity, store it in
+    best.pt (`extra.threshold`) and score val/test at it."""
+    from histoshield import models
+    from histoshield.evaluation.operating import metrics_at, threshold_for_sensitivity
+    from histoshield.evaluation.predict import predict_proba
+
+    pos = positive_index(classes)
+    val_d, test_d = data
+    p_val = predict_proba(best, val_d.x, batch_size=64, device=device)[:, pos]
+    t = threshold_for_sensitivity(val_d.y.cpu() == pos, p_val, cfg.target_sensitivity)
+    ckpt = models.read_checkpoint(out / "best.pt")
+    extra = dict(ckpt.get("extra") or {})
+    extra.update(threshold=t, target_sensitivity=cfg.target_sensitivity)
+    models.save_checkpoint(
+        out / "best.pt", best, config=ckpt.get("config"), metrics=ckpt.get("metrics"), extra=extra
+    )
+    at: dict[str, Any] = {}
+    for name, d in (("val", val_d), ("test", test_d)):
+        p = predict_proba(best, d.x, batch_size=64, device=device)[:, pos] if len(d) else None
+        at[name] = metrics_at(d.y.cpu(), p, t, pos, d.patients) if p is not None else None
+    return {"threshold": t, "target_sensitivity": cfg.target_sensitivity, "at_threshold": at}
 
 
 def resolve_config(

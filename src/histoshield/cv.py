@@ -1,0 +1,624 @@
+"""K-fold cross-validation grouped by patient (or, to measure the leak, by image).
+
+Folds: scikit-learn's `StratifiedGroupKFold` on the image labels, with groups = patient groups
+(`data.breakhis.patient_group`: slides sharing a number stay together) or single images. The
+fold file (folds.csv) is written and can be reused (`folds_file=`). Fold k trains with
+`training.train` on the other folds' images, selecting its checkpoint on an inner validation
+split of those TRAINING groups only, and predicts fold k. Its held-out predictions are written
+to `fold_k/oof.csv`; when every fold is done they are pooled (oof.csv) into metrics with
+confidence intervals, a per-patient and per-subtype table, and robustness pooled over folds.
+
+Run folder: config.yaml, env.json, folds.csv, state.json (finished folds), fold_k/ (split.csv,
+train/ run folder, oof.csv, fold.json), oof.csv, results.json, report.md/report.html, figures/.
+`resume=True` skips finished folds and continues an interrupted fold's training from its
+last.pt; training and attacks are seeded, so a resumed CV gives the same numbers on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from histoshield.config import CVConfig, StudyConfig, TrainConfig, dump_config, settings_error
+from histoshield.errors import HistoshieldError
+from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
+
+STATE = "state.json"
+FOLDS_FILE = "folds.csv"
+OOF_FIELDS = ("path", "patient", "subtype", "fold", "label", "p_malignant", "threshold")
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+def resolve_cv_config(
+    config: str | Path | None = None, *, cv_overrides: dict[str, Any] | None = None, **train_over
+) -> tuple[TrainConfig, CVConfig]:
+    """(TrainConfig, CVConfig) from a flat train YAML or a study config (its `train:` and `cv:`
+    sections; a study's table3_eps/only fill the cv eps/only it does not set), CLI on top."""
+    from pydantic import ValidationError
+
+    from histoshield.config import read_yaml
+    from histoshield.study import shipped_configs
+    from histoshield.training import resolve_config
+
+    presets = shipped_configs()
+    if config is not None and not Path(config).is_file():
+        if str(config).removesuffix(".yaml") in presets:
+            config = presets[str(config).removesuffix(".yaml")]
+    tcfg = resolve_config(config, **train_over)
+    raw = read_yaml(config) if config is not None else {}
+    section: dict[str, Any] = {}
+    if isinstance(raw.get("train"), dict):  # a study config
+        defaults = StudyConfig.model_fields
+        section["eps"] = raw.get("table3_eps", defaults["table3_eps"].default)
+        section["only"] = raw.get("only", defaults["only"].default)
+    section.update(raw.get("cv") or {})
+    section.update({k: v for k, v in (cv_overrides or {}).items() if v is not None})
+    try:
+        return tcfg, CVConfig.model_validate(section)
+    except ValidationError as e:
+        raise settings_error(e, config) from None
+
+
+# ---- folds ----------------------------------------------------------------------------------
+
+
+def group_keys(records: list, by: str) -> list[str]:
+    """The grouping key of each record: its patient group, or the image itself."""
+    from histoshield.data.breakhis import patient_group
+
+    if by == "image":
+        return [str(r.path) for r in records]
+    if by != "patient":
+        raise HistoshieldError(f"--group-by must be patient or image, not {by!r}")
+    missing = [r for r in records if not r.patient]
+    if missing:
+        raise HistoshieldError(
+            f"{missing[0].path} has no patient id ({len(missing)} images lack one): use "
+            "--group-by image, or give a manifest with a patient column"
+        )
+    return [patient_group(r.patient) for r in records]
+
+
+def make_folds(records: list, k: int, *, by: str = "patient", seed: int = 0) -> list[int]:
+    """Fold index (0..k-1) per record: groups never straddle folds, classes stratified."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if k < 2:
+        raise HistoshieldError(f"--folds must be at least 2, got {k}")
+    groups = group_keys(records, by)
+    labels = [r.label for r in records]
+    for label in sorted(set(labels)):
+        n = len({g for g, lab in zip(groups, labels, strict=True) if lab == label})
+        if n < k:
+            what = "patient groups" if by == "patient" else "images"
+            raise HistoshieldError(
+                f"--folds {k} is more than the {n} {what} of class {label!r}: every fold needs "
+                f"one; use --folds {n} or fewer"
+            )
+    skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold = [-1] * len(records)
+    for i, (_, test_idx) in enumerate(skf.split(np.zeros(len(records)), labels, groups)):
+        for j in test_idx:
+            fold[j] = i
+    for i in range(k):
+        present = {labels[j] for j in range(len(records)) if fold[j] == i}
+        if present != set(labels):
+            raise HistoshieldError(
+                f"fold {i} got no image of class {sorted(set(labels) - present)[0]!r}: use "
+                "fewer --folds"
+            )
+    return fold
+
+
+def write_folds(path: Path, records: list, folds: list[int], by: str) -> Path:
+    """folds.csv: path, label, patient, subtype, group, fold (one row per image)."""
+    groups = group_keys(records, by)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "patient", "subtype", "group", "fold"])
+    for r, g, f in zip(records, groups, folds, strict=True):
+        w.writerow([str(r.path), r.label, r.patient or "", r.subtype or "", g, f])
+    return write_text(path, buf.getvalue())
+
+
+def read_folds(path: str | Path, records: list) -> list[int]:
+    """Fold per record from a folds.csv written by `write_folds` (it must cover every image)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise HistoshieldError(f"folds file not found: {p} (a folds.csv from histoshield cv)")
+    with p.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "fold"} <= set(rows[0]):
+        raise HistoshieldError(f"{p} is not a folds file: it needs path and fold columns")
+    by_path: dict[str, int] = {}
+    for row in rows:
+        try:
+            by_path[str(Path(row["path"]).resolve())] = int(row["fold"])
+        except ValueError:
+            raise HistoshieldError(f"{p}: fold {row['fold']!r} is not an integer") from None
+    out = []
+    for r in records:
+        key = str(Path(r.path).resolve())
+        if key not in by_path:
+            raise HistoshieldError(f"{p} has no fold for {r.path}: write it from the same data")
+        out.append(by_path[key])
+    k = max(out) + 1
+    if sorted(set(out)) != list(range(k)) or k < 2:
+        raise HistoshieldError(f"{p}: folds must be numbered 0..k-1 with k >= 2")
+    return out
+
+
+# ---- one fold -------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HistoshieldError(f"cannot read {path} ({e}); start again in another --out") from e
+
+
+def fold_split(iset, folds: list[int], k: int, cv: CVConfig, tcfg: TrainConfig):
+    """ImageSet for fold k: fold k is `test`; the other folds' groups split into train/val."""
+    from histoshield.data.records import ImageSet
+    from histoshield.data.splits import make_split
+
+    held = [r.with_split("test") for r, f in zip(iset.records, folds, strict=True) if f == k]
+    rest = [r for r, f in zip(iset.records, folds, strict=True) if f != k]
+    inner = make_split(
+        ImageSet(iset.root, iset.layout, rest),
+        by=cv.group_by,
+        val=cv.inner_val or tcfg.val,
+        test=0.0,
+        seed=tcfg.seed,
+    )
+    return ImageSet(iset.root, iset.layout, inner.records + held, list(inner.problems))
+
+
+def attack_rows(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[str],
+    cv: CVConfig,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """One robustness row per cv attack at cv.eps on the `only` class (the one harness call)."""
+    from histoshield.evaluation.robustness import evaluate_attack
+    from histoshield.study import parse_attack_spec
+
+    rows = []
+    for spec in cv.attacks:
+        name, params = parse_attack_spec(spec)
+        r = evaluate_attack(
+            model, x, y, attack=name, eps_list=[cv.eps], params=params, classes=classes,
+            only=cv.only, batch_size=cv.batch_size, seed=seed, progress=False,
+        )[0]  # fmt: skip
+        rows.append(
+            {
+                "attack": spec,
+                "eps": cv.eps,
+                "eps_255": round(cv.eps * 255, 4),
+                "only": cv.only,
+                "n": r["n"],
+                "clean_correct": r["clean_correct"],
+                "adv_correct": r["adv_correct"],
+                "adversarial_accuracy": r["adversarial_accuracy"],
+            }
+        )
+    return rows
+
+
+def _oof_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=OOF_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in OOF_FIELDS})
+    return buf.getvalue()
+
+
+def read_oof(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an oof.csv with typed fold, p_malignant and threshold."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["fold"] = int(r["fold"])
+        r["p_malignant"] = float(r["p_malignant"])
+        r["threshold"] = float(r["threshold"]) if r.get("threshold") else None
+    return rows
+
+
+def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
+    from histoshield import models
+    from histoshield.data.arrays import load_arrays
+    from histoshield.data.splits import write_split
+    from histoshield.evaluation.metrics import classification_metrics, degenerate_reason
+    from histoshield.evaluation.predict import predict_proba
+    from histoshield.training import train
+
+    tcfg: TrainConfig = ctx["tcfg"]
+    cv: CVConfig = ctx["cv"]
+    fdir: Path = ctx["out"] / f"fold_{k}"
+    run = fdir / "train"
+    t0 = time.perf_counter()
+    split_csv = fdir / "split.csv"
+    if not split_csv.is_file():
+        write_split(split_csv, fold_split(ctx["iset"], ctx["folds"], k, cv, tcfg))
+    fcfg = tcfg.model_copy(update={"split": str(split_csv)})
+    if (run / "results.json").is_file() and (run / "best.pt").is_file():
+        res = _read_json(run / "results.json")
+    else:
+        res = train(fcfg, run, resume=(run / "last.pt").is_file(), progress=ctx["progress"])
+    t_train = time.perf_counter() - t0
+    device = ctx["device"]
+    model = models.load_checkpoint(run / "best.pt").to(device)
+    threshold = (model.meta.get("extra") or {}).get("threshold")
+    from histoshield.data.splits import read_split
+
+    held = read_split(split_csv).subset("test")
+    classes = ctx["classes"]
+    pos = classes.index("malignant") if "malignant" in classes else len(classes) - 1
+    arr = load_arrays(held, tcfg.image_size, cache_dir=tcfg.cache_dir, progress=False)
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
+    y = torch.tensor([classes.index(r.label) for r in held])
+    prob = predict_proba(model, x, batch_size=cv.batch_size, device=device)
+    pred = prob.argmax(1)
+    patients = [r.patient for r in held] if all(r.patient for r in held) else None
+    metrics = classification_metrics(y, pred, prob, patients=patients, positive=pos)
+    reason = degenerate_reason(y, pred, classes)
+    oof = [
+        {
+            "path": str(r.path),
+            "patient": r.patient or "",
+            "subtype": r.subtype or "",
+            "fold": k,
+            "label": r.label,
+            "p_malignant": repr(float(p)),
+            "threshold": "" if threshold is None else repr(float(threshold)),
+        }
+        for r, p in zip(held, prob[:, pos].tolist(), strict=True)
+    ]
+    write_text(fdir / "oof.csv", _oof_csv(oof))
+    t1 = time.perf_counter()
+    robust: list[dict[str, Any]] = []
+    if cv.robustness:
+        seed_everything(tcfg.seed + k)
+        robust = attack_rows(model, x, y, classes, cv, tcfg.seed)
+    info = {
+        "fold": k,
+        "n_train": res["n"]["train"],
+        "n_val": res["n"]["val"],
+        "n_test": len(held),
+        "patients": sorted({r.patient or "" for r in held}),
+        "best_epoch": res.get("best_epoch"),
+        "epochs_run": res.get("epochs_run"),
+        "val": res.get("val"),
+        "threshold": threshold,
+        "metrics": metrics,
+        "degenerate": reason,
+        "robustness": robust,
+        "robustness_meaningful": reason is None,
+        "seconds": {
+            "train": round(t_train, 3),
+            "robustness": round(time.perf_counter() - t1, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+    }
+    write_json(fdir / "fold.json", info)
+    return info
+
+
+# ---- pooling --------------------------------------------------------------------------------
+
+
+def hanley_mcneil_ci(auc: float, n_pos: int, n_neg: int, z: float = 1.96) -> list[float]:
+    """95% CI of an AUC from the Hanley & McNeil (1982) standard error (images as independent)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
+        n_pos * n_neg
+    )
+    se = math.sqrt(max(var, 0.0))
+    return [max(0.0, auc - z * se), min(1.0, auc + z * se)]
+
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    from histoshield.evaluation.metrics import wilson_ci
+
+    ci = wilson_ci(k, n)
+    return {"k": k, "n": n, "value": k / n if n else None, "ci": list(ci) if ci else None}
+
+
+def pooled_metrics(rows: list[dict[str, Any]], classes: list[str], *, at: str = "0.5"):
+    """Pooled out-of-fold metrics with 95% CIs from oof rows (`at`: '0.5' or 'threshold')."""
+    from sklearn.metrics import roc_auc_score
+
+    pos_name = "malignant" if "malignant" in classes else classes[-1]
+    y = np.array([r["label"] == pos_name for r in rows])
+    p = np.array([r["p_malignant"] for r in rows], dtype=float)
+    if at == "threshold":
+        pred = np.array([r["p_malignant"] >= r["threshold"] for r in rows])
+    else:
+        pred = p > 0.5  # argmax of two probabilities (a tie goes to benign)
+    tp, tn = int((y & pred).sum()), int((~y & ~pred).sum())
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    sens, spec = _rate(tp, n_pos), _rate(tn, n_neg)
+    bal = None
+    if sens["value"] is not None and spec["value"] is not None:
+        bal = {
+            "value": (sens["value"] + spec["value"]) / 2,
+            "ci": [(a + b) / 2 for a, b in zip(sens["ci"], spec["ci"], strict=True)],
+        }
+    auc = None
+    if n_pos and n_neg:
+        a = float(roc_auc_score(y, p))
+        auc = {"value": a, "ci": hanley_mcneil_ci(a, n_pos, n_neg)}
+    # patient level: a patient is called malignant when its mean p(malignant) crosses the cut
+    per_pat: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        per_pat[r["patient"]].append(i)
+    pat_ok = 0
+    for ix in per_pat.values():
+        cut = 0.5 if at != "threshold" else float(np.mean([rows[i]["threshold"] for i in ix]))
+        called = p[ix].mean() >= cut if at == "threshold" else p[ix].mean() > cut
+        pat_ok += int(called == bool(y[ix].mean() >= 0.5))
+    return {
+        "n": len(rows),
+        "n_patients": len(per_pat),
+        "accuracy": _rate(int((y == pred).sum()), len(rows)),
+        "balanced_accuracy": bal,
+        "sensitivity": sens,
+        "specificity": spec,
+        "auc": auc,
+        "patient_level_accuracy": _rate(pat_ok, len(per_pat)),
+        "fn": n_pos - tp,
+        "fp": n_neg - tn,
+    }
+
+
+def per_patient(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """patient, subtype, label, fold, n images, accuracy, mean p(malignant); worst first."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r["patient"]].append(r)
+    out = []
+    for pat, rs in groups.items():
+        y = np.array([r["label"] == "malignant" for r in rs])
+        p = np.array([r["p_malignant"] for r in rs])
+        out.append(
+            {
+                "patient": pat,
+                "subtype": rs[0]["subtype"],
+                "label": rs[0]["label"],
+                "fold": rs[0]["fold"],
+                "n": len(rs),
+                "accuracy": float(((p > 0.5) == y).mean()),
+                "mean_p_malignant": float(p.mean()),
+            }
+        )
+    return sorted(out, key=lambda d: (d["accuracy"], d["patient"]))
+
+
+def per_subtype(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Image-level sensitivity (malignant) or specificity (benign) per subtype, Wilson CI."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["label"], r["subtype"])].append(r)
+    out = []
+    for (label, sub), rs in sorted(groups.items()):
+        mal = label == "malignant"
+        k = sum((r["p_malignant"] > 0.5) == mal for r in rs)
+        out.append(
+            {
+                "label": label,
+                "subtype": sub,
+                "rate": "sensitivity" if mal else "specificity",
+                "n_patients": len({r["patient"] for r in rs}),
+                **_rate(int(k), len(rs)),
+            }
+        )
+    return out
+
+
+def mean_sd(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation over folds (None entries skipped)."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+            "n": len(v)}  # fmt: skip
+
+
+def pool_robustness(folds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per attack: pooled robust accuracy (Wilson CI) over meaningful folds, fold mean ± sd."""
+    out = []
+    specs = [r["attack"] for r in (folds[0]["robustness"] if folds else [])]
+    for i, spec in enumerate(specs):
+        ok = [f for f in folds if f["robustness_meaningful"]]
+        k = sum(f["robustness"][i]["adv_correct"] for f in ok)
+        n = sum(f["robustness"][i]["n"] for f in ok)
+        k_clean = sum(f["robustness"][i]["clean_correct"] for f in ok)
+        out.append(
+            {
+                "attack": spec,
+                "eps_255": folds[0]["robustness"][i]["eps_255"],
+                "only": folds[0]["robustness"][i]["only"],
+                "folds_used": [f["fold"] for f in ok],
+                "folds_excluded": [f["fold"] for f in folds if not f["robustness_meaningful"]],
+                "clean": _rate(k_clean, n),
+                "adversarial": _rate(k, n),
+                "fold_adversarial": mean_sd(
+                    [f["robustness"][i]["adversarial_accuracy"] for f in ok]
+                ),
+            }
+        )
+    return out
+
+
+def summarize(out: Path, folds: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """Everything pooled over folds, recomputed from the fold files and oof.csv alone."""
+    from histoshield.evaluation.metrics import degenerate_reason
+
+    rows = [r for f in folds for r in read_oof(out / f"fold_{f['fold']}" / "oof.csv")]
+    write_text(out / "oof.csv", _oof_csv(rows))
+    keys = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc")
+    fold_stats = {k: mean_sd([f["metrics"].get(k) for f in folds]) for k in keys}
+    fold_stats["patient_accuracy"] = mean_sd([f["metrics"].get("patient_accuracy") for f in folds])
+    pos = "malignant" if "malignant" in classes else classes[-1]
+    y = [classes.index(r["label"]) for r in rows]
+    pred = [classes.index(pos) if r["p_malignant"] > 0.5 else 1 - classes.index(pos) for r in rows]
+    res = {
+        "n_images": len(rows),
+        "n_patients": len({r["patient"] for r in rows}),
+        "folds": folds,
+        "fold_mean_sd": fold_stats,
+        "pooled": pooled_metrics(rows, classes),
+        "pooled_degenerate": degenerate_reason(y, pred, classes),
+        "per_patient": per_patient(rows),
+        "per_subtype": per_subtype(rows),
+        "robustness": pool_robustness(folds),
+        "seconds_per_fold": mean_sd([f["seconds"]["total"] for f in folds]),
+    }
+    if rows and all(r["threshold"] is not None for r in rows):
+        res["pooled_at_threshold"] = pooled_metrics(rows, classes, at="threshold")
+        res["fold_thresholds"] = [f["threshold"] for f in folds]
+    return res
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_cv(
+    tcfg: TrainConfig,
+    cv: CVConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    folds_file: str | Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every fold into `out`, pool them, write results.json and the report."""
+    from histoshield.data.layouts import load_imageset
+
+    out = Path(out).expanduser().resolve()
+    echo = echo or (print if progress else (lambda s: None))
+    cfg_text = dump_config(tcfg) + "---\n" + dump_config(cv)
+    state_path = out / STATE
+    if state_path.is_file() and not resume:
+        raise HistoshieldError(
+            f"{out} already holds a cross-validation: pass --resume to continue it or choose "
+            "another --out"
+        )
+    if resume and not state_path.is_file():
+        raise HistoshieldError(f"cannot resume: {state_path} does not exist (run without --resume)")
+    on_bad = "skip" if tcfg.skip_bad else "raise"
+    iset = load_imageset(tcfg.data, magnifications=tcfg.magnification or None, on_bad=on_bad)
+    classes = iset.classes
+    if len(classes) != 2:
+        raise HistoshieldError(f"cross-validation needs two classes; {tcfg.data} has {classes}")
+    if cv.only is not None and cv.only not in classes:
+        raise HistoshieldError(f"cv.only {cv.only!r} is not a class of {tcfg.data} ({classes})")
+    if resume:
+        state = _read_json(state_path)
+        if state.get("config_sha256") != _digest(cfg_text):
+            raise HistoshieldError(
+                f"{out} holds a cross-validation with different settings: resume with the same "
+                "config, or choose another --out"
+            )
+        folds = read_folds(out / FOLDS_FILE, iset.records)
+    else:
+        if folds_file is not None:
+            folds = read_folds(folds_file, iset.records)
+        else:
+            folds = make_folds(iset.records, cv.folds, by=cv.group_by, seed=tcfg.seed)
+        if max(folds) + 1 != cv.folds:
+            raise HistoshieldError(
+                f"{folds_file} has {max(folds) + 1} folds but --folds is {cv.folds}"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        write_folds(out / FOLDS_FILE, iset.records, folds, cv.group_by)
+        state = {"finished": [], "config_sha256": _digest(cfg_text)}
+        write_json(state_path, state)
+    write_text(out / "config.yaml", cfg_text)
+    device = pick_device(tcfg.device)
+    env = environment(device)
+    write_json(out / "env.json", env)
+    ctx = {"tcfg": tcfg, "cv": cv, "out": out, "iset": iset, "folds": folds,
+           "classes": classes, "device": device, "progress": progress}  # fmt: skip
+    k_total = max(folds) + 1
+    infos: list[dict[str, Any]] = []
+    for k in range(k_total):
+        if k in state["finished"]:
+            infos.append(_read_json(out / f"fold_{k}" / "fold.json"))
+            continue
+        echo(f"[fold {k + 1}/{k_total}] training on {sum(f != k for f in folds)} images")
+        seed_everything(tcfg.seed)
+        info = _run_fold(ctx, k)
+        m = info["metrics"]
+        echo(
+            f"[fold {k + 1}/{k_total}] balanced accuracy {m['balanced_accuracy']:.3f}, "
+            f"sensitivity {m['sensitivity']:.3f} on {info['n_test']} images "
+            f"({info['seconds']['total']:.0f} s)"
+        )
+        infos.append(info)
+        state["finished"].append(k)
+        write_json(state_path, state)
+    results = {
+        "kind": "cv",
+        "data": tcfg.data,
+        "classes": classes,
+        "group_by": cv.group_by,
+        "k": k_total,
+        "train_config": tcfg.model_dump(mode="json"),
+        "cv_config": cv.model_dump(mode="json"),
+        "env": env,
+        **summarize(out, infos, classes),
+    }
+    write_json(out / "results.json", results)
+    from histoshield.report.cv import build_cv_report
+
+    build_cv_report(out)
+    echo(f"report: {out / 'report.html'}")
+    return results
+
+
+def run_leak_comparison(
+    tcfg: TrainConfig,
+    cv: CVConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
+    """The same CV grouped by patient (out/patient) and by image (out/image), side by side."""
+    from histoshield.report.cv import build_comparison
+
+    out = Path(out).expanduser().resolve()
+    dirs = {}
+    for by in ("patient", "image"):
+        d = out / by
+        again = resume and (d / STATE).is_file()
+        run_cv(tcfg, cv.model_copy(update={"group_by": by}), d, resume=again,
+               progress=progress, echo=echo)  # fmt: skip
+        dirs[f"by {by}"] = d
+    return build_comparison(dirs, out / "comparison.md")
