@@ -101,6 +101,13 @@ def train_cmd(
     defense: str | None = typer.Option(None, "--defense", help="e.g. gaussian:sigma=0.1."),
     stain_norm: str | None = typer.Option(None, "--stain-norm", help="none|reinhard|macenko."),
     early_stopping: int | None = typer.Option(None, "--early-stopping", help="Patience."),
+    tta: bool | None = typer.Option(None, "--tta/--no-tta", help="8 flips/rotations in-model."),
+    backbone_lr_scale: float | None = typer.Option(
+        None, "--backbone-lr-scale", help="lr of all but the head = lr * this (0 freezes)."
+    ),
+    target_sensitivity: float | None = typer.Option(
+        None, "--target-sensitivity", help="Pick the threshold on val for this sensitivity."
+    ),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
     magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
@@ -123,7 +130,8 @@ def train_cmd(
         batch_size=batch_size, lr=lr, optimizer=optimizer, scheduler=scheduler,
         image_size=image_size, seed=seed, defense=defense, stain_norm=stain_norm,
         early_stopping=early_stopping, skip_bad=skip_bad, magnification=magnification or None,
-        device=device,
+        device=device, tta=tta, backbone_lr_scale=backbone_lr_scale,
+        target_sensitivity=target_sensitivity,
     )  # fmt: skip
     if folder is None:
         folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -239,7 +239,7 @@ def evaluate_checkpoint(
         patients=patients if all(p is not None for p in patients) else None,
         positive=pos,
     )
-    return {
+    out = {
         "checkpoint": str(checkpoint),
         "subset": ev.subset,
         "only": only,
@@ -248,6 +248,14 @@ def evaluate_checkpoint(
         "positive": classes[pos],
         **m,
     }
+    threshold = (getattr(ev.model, "meta", {}).get("extra") or {}).get("threshold")
+    if threshold is not None:  # chosen on validation for a target sensitivity (train)
+        from histoshield.evaluation.operating import metrics_at
+
+        out["at_threshold"] = metrics_at(
+            y, prob[:, pos], threshold, pos, patients if all(patients) else None
+        )
+    return out
 
 
 def predict_images(
@@ -308,6 +316,14 @@ def format_metrics(m: dict[str, Any]) -> str:
     ]
     if m.get("patient_accuracy") is not None:
         rows.append((f"patient accuracy ({m['n_patients']} patients)", _fmt(m["patient_accuracy"])))
+    t = m.get("at_threshold")
+    if t:
+        rows += [
+            (f"at threshold {t['threshold']:.4f}: sensitivity", _fmt(t.get("sensitivity"))),
+            ("  specificity", _fmt(t.get("specificity"))),
+            ("  balanced accuracy", _fmt(t.get("balanced_accuracy"))),
+            ("  TP / TN / FP / FN", f"{t['tp']} / {t['tn']} / {t['fp']} / {t['fn']}"),
+        ]
     w = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{w}}  {v}" for k, v in rows]
     cm, classes = m.get("confusion_matrix") or [], m.get("classes") or []

@@ -1,0 +1,219 @@
+"""Cross-validation: folds grouped by patient, the image-level leak, pooling, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from histoshield import cv as CV
+from histoshield.data.breakhis import patient_group
+from histoshield.data.records import Record
+from histoshield.errors import HistoshieldError
+from tests.helpers_cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = "synthetic:n=96,size=32,seed=1"
+TINY = {
+    "name": "tiny-cv",
+    "seed": 2,
+    "data": DATA,
+    "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+    "cv": {"folds": 3, "attacks": ["fgsm"], "eps": "4/255", "batch_size": 32},
+}
+VOLATILE = {"seconds", "seconds_per_fold", "env", "train_seconds", "wall_seconds", "history"}
+
+
+def _tiny(tmp: Path) -> Path:
+    p = tmp / "tiny.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return p
+
+
+def _stable(obj):
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def _records(n_patients: int, per: int, seed: int = 0) -> list[Record]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in range(n_patients):
+        label = "malignant" if p % 3 else "benign"
+        for i in range(per + int(rng.integers(0, 4))):
+            out.append(Record(Path(f"/x/p{p}_{i}.png"), label, patient=f"P{p}", subtype="st"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HISTOSHIELD_CACHE", str(tmp_path_factory.getbasetemp() / "hs-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_cv(tmp_path_factory: pytest.TempPathFactory, cache_env) -> Path:
+    tmp = tmp_path_factory.mktemp("cv")
+    tcfg, cv = CV.resolve_cv_config(_tiny(tmp))
+    CV.run_cv(tcfg, cv, tmp / "run", progress=False)
+    return tmp / "run"
+
+
+# ---- folds ----------------------------------------------------------------------------------
+
+
+def test_folds_never_share_a_patient_and_are_class_stratified() -> None:
+    recs = _records(30, 8)
+    for k in (2, 3, 5):
+        folds = CV.make_folds(recs, k, by="patient", seed=1)
+        where: dict[str, set[int]] = {}
+        for r, f in zip(recs, folds, strict=True):
+            where.setdefault(patient_group(r.patient), set()).add(f)
+        assert all(len(s) == 1 for s in where.values())  # no patient in two folds
+        overall = Counter(r.label for r in recs)
+        share = overall["malignant"] / len(recs)
+        for i in range(k):
+            c = Counter(r.label for r, f in zip(recs, folds, strict=True) if f == i)
+            assert c["benign"] > 0 and c["malignant"] > 0
+            assert abs(c["malignant"] / sum(c.values()) - share) < 0.2  # stratified by class
+
+
+def test_related_slides_stay_in_one_fold() -> None:
+    recs = [Record(Path(f"/x/{s}_{i}.png"), lab, patient=s) for s, lab in
+            (("23060AB", "benign"), ("23060CD", "benign"), ("1", "benign"), ("2", "benign"),
+             ("3", "malignant"), ("4", "malignant"), ("5", "malignant")) for i in range(3)]  # fmt: skip
+    folds = CV.make_folds(recs, 2, seed=0)
+    assert len({f for r, f in zip(recs, folds, strict=True) if r.patient.startswith("23060")}) == 1
+
+
+def test_image_level_folds_leak_near_duplicates_of_a_patient() -> None:
+    """Each patient's images are near-copies of one random tile and the label carries no visual
+    signal, so only memorising a patient helps. A 1-nearest-neighbour classifier stands in for
+    training: with image-level folds it finds the patient's twin in the training folds; with
+    patient-level folds it cannot, and falls to chance."""
+    rng = np.random.default_rng(0)
+    recs = _records(24, 6, seed=3)
+    protos = {p: rng.random(64) for p in {r.patient for r in recs}}
+    x = np.stack([protos[r.patient] + 0.02 * rng.standard_normal(64) for r in recs])
+    y = np.array([r.label == "malignant" for r in recs])
+    scores = {}
+    for by in ("patient", "image"):
+        folds = np.array(CV.make_folds(recs, 4, by=by, seed=0))
+        ok = []
+        for k in range(4):
+            tr, te = folds != k, folds == k
+            d = ((x[te][:, None, :] - x[tr][None, :, :]) ** 2).sum(-1)
+            ok += list(y[tr][d.argmin(1)] == y[te])
+        scores[by] = float(np.mean(ok))
+    assert scores["image"] > 0.95
+    assert scores["image"] - scores["patient"] > 0.2
+
+
+def test_folds_file_round_trips(tmp_path: Path) -> None:
+    recs = _records(12, 4)
+    folds = CV.make_folds(recs, 3, seed=5)
+    CV.write_folds(tmp_path / "folds.csv", recs, folds, "patient")
+    assert CV.read_folds(tmp_path / "folds.csv", recs) == folds
+    with pytest.raises(HistoshieldError, match="no fold for"):
+        CV.read_folds(tmp_path / "folds.csv", recs + [Record(Path("/x/new.png"), "benign", "Q")])
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--folds", "1"], "folds"),
+        (["--folds", "40"], "more than the"),
+        (["--group-by", "slide"], "group_by"),
+    ],
+)
+def test_bad_cv_input_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture, tmp_path: Path, args: list[str], msg: str
+) -> None:
+    code, _, err = run_cli(
+        capsys, "cv", "--data", DATA, "--out", str(tmp_path / "o"), "--quiet", *args
+    )
+    assert code == 2
+    assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
+
+
+# ---- a real (tiny) CV -----------------------------------------------------------------------
+
+
+def test_pooled_metrics_equal_those_recomputed_from_the_saved_predictions(tiny_cv: Path) -> None:
+    r = json.loads((tiny_cv / "results.json").read_text())
+    rows = CV.read_oof(tiny_cv / "oof.csv")
+    assert len(rows) == r["n_images"] == r["pooled"]["n"]
+    assert sorted({row["fold"] for row in rows}) == [0, 1, 2]
+    y = np.array([row["label"] == "malignant" for row in rows])
+    p = np.array([row["p_malignant"] for row in rows])
+    pred = p > 0.5
+    pooled = r["pooled"]
+    assert pooled["accuracy"]["value"] == pytest.approx((pred == y).mean())
+    assert pooled["sensitivity"]["value"] == pytest.approx(pred[y].mean())
+    assert pooled["specificity"]["value"] == pytest.approx((~pred[~y]).mean())
+    assert pooled["auc"]["value"] == pytest.approx(roc_auc_score(y, p))
+    lo, hi = pooled["accuracy"]["ci"]
+    assert lo < pooled["accuracy"]["value"] < hi
+    # every held-out patient appears in exactly one fold
+    pats = [set(f["patients"]) for f in r["folds"]]
+    assert sum(len(s) for s in pats) == len(set().union(*pats)) == r["n_patients"]
+    # per fold: the stored fold metrics match the saved predictions of that fold
+    for f in r["folds"]:
+        fy = np.array([row["label"] == "malignant" for row in rows if row["fold"] == f["fold"]])
+        fp = np.array([row["p_malignant"] > 0.5 for row in rows if row["fold"] == f["fold"]])
+        assert f["metrics"]["accuracy"] == pytest.approx((fy == fp).mean())
+    accs = [f["metrics"]["accuracy"] for f in r["folds"]]
+    assert r["fold_mean_sd"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert r["fold_mean_sd"]["accuracy"]["sd"] == pytest.approx(np.std(accs, ddof=1))
+    assert sum(pp["n"] for pp in r["per_patient"]) == len(rows)
+    rob = r["robustness"][0]
+    used = [f for f in r["folds"] if f["robustness_meaningful"]]
+    assert rob["adversarial"]["n"] == sum(f["robustness"][0]["n"] for f in used)
+    assert (tiny_cv / "report.md").is_file() and (tiny_cv / "figures" / "roc.png").is_file()
+
+
+def test_existing_cv_needs_resume(tiny_cv: Path) -> None:
+    tcfg, cv = CV.resolve_cv_config(_tiny(tiny_cv.parent))
+    with pytest.raises(HistoshieldError, match="--resume"):
+        CV.run_cv(tcfg, cv, tiny_cv, progress=False)
+
+
+@pytest.mark.slow
+def test_kill_mid_cv_then_resume_equals_uninterrupted(tiny_cv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histoshield", "cv", "--config", str(_tiny(tmp_path)), "--out",
+         str(out), "--quiet"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (out / "fold_1" / "train" / "last.pt").is_file():
+            assert proc.poll() is None, "the CV ended before fold 1 started training"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    state = json.loads((out / "state.json").read_text())
+    assert state["finished"] == [0]  # killed inside fold 1
+    tcfg, cv = CV.resolve_cv_config(_tiny(tmp_path))
+    CV.run_cv(tcfg, cv, out, resume=True, progress=False)
+    resumed = json.loads((out / "results.json").read_text())
+    full = json.loads((tiny_cv / "results.json").read_text())
+    assert _stable(resumed) == _stable(full)
