@@ -93,9 +93,9 @@ def test_folds_never_share_a_patient_and_are_class_stratified() -> None:
 
 
 def test_related_slides_stay_in_one_fold() -> None:
-    recs = [Record(Path(f"/x/{s}_{i}.png"), lab, patient=s) for s, lab in
-            (("23060AB", "benign"), ("23060CD", "benign"), ("1", "benign"), ("2", "benign"),
-             ("3", "malignant"), ("4", "malignant"), ("5", "malignant")) for i in range(3)]  # fmt: skip
+    slides = [("23060AB", "benign"), ("23060CD", "benign"), ("1", "benign"), ("2", "benign"),
+              ("3", "malignant"), ("4", "malignant"), ("5", "malignant")]  # fmt: skip
+    recs = [Record(Path(f"/x/{s}_{i}.png"), lab, patient=s) for s, lab in slides for i in range(3)]
     folds = CV.make_folds(recs, 2, seed=0)
     assert len({f for r, f in zip(recs, folds, strict=True) if r.patient.startswith("23060")}) == 1
 

@@ -591,6 +591,8 @@ def run_cv(
         "train_config": tcfg.model_dump(mode="json"),
         "cv_config": cv.model_dump(mode="json"),
         "env": env,
+        # the final model: `models.load_ensemble` of these (its CV estimate is the fold mean)
+        "ensemble": [f"fold_{k}/train/best.pt" for k in range(k_total)],
         **summarize(out, infos, classes),
     }
     write_json(out / "results.json", results)

@@ -45,3 +45,15 @@ def test_backbone_lr_scale_gives_the_head_the_full_lr(scale: float) -> None:
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
     one = make_optimizer(TrainConfig(lr=0.01), param_groups(m, 1.0))
     assert len(one.param_groups) == 1
+
+
+def test_ensemble_averages_member_probabilities(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    a, b = models.create("smallcnn").eval(), models.create("smallcnn").eval()
+    for i, m in enumerate((a, b)):
+        models.save_checkpoint(tmp_path / f"{i}.pt", m)
+    ens = models.load_ensemble([tmp_path / "0.pt", tmp_path / "1.pt"])
+    x = torch.rand(4, 3, 32, 32)
+    want = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+    assert torch.allclose(torch.softmax(ens(x), 1), want, atol=1e-5)
+    assert ens.classes == a.classes

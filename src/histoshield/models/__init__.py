@@ -7,17 +7,20 @@
 """
 
 from histoshield.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from histoshield.models.ensemble import Ensemble, load_ensemble
 from histoshield.models.registry import WEIGHTS, available, create
 from histoshield.models.stain import StainNorm
 from histoshield.models.wrapper import HistoModel
 
 __all__ = [
+    "Ensemble",
     "WEIGHTS",
     "HistoModel",
     "StainNorm",
     "available",
     "create",
     "load_checkpoint",
+    "load_ensemble",
     "read_checkpoint",
     "save_checkpoint",
 ]
