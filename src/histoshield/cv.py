@@ -253,7 +253,7 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
     cv: CVConfig = ctx["cv"]
     fdir: Path = ctx["out"] / f"fold_{k}"
     run = fdir / "train"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     split_csv = fdir / "split.csv"
     if not split_csv.is_file():
         write_split(split_csv, fold_split(ctx["iset"], ctx["folds"], k, cv, tcfg))
@@ -315,6 +315,7 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
             "train": round(t_train, 3),
             "robustness": round(time.perf_counter() - t1, 3),
             "total": round(time.perf_counter() - t0, 3),
+            "cpu": round(time.process_time() - c0, 3),  # this process's CPU time (all threads)
         },
     }
     write_json(fdir / "fold.json", info)
