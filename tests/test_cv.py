@@ -28,7 +28,13 @@ TINY = {
     "name": "tiny-cv",
     "seed": 2,
     "data": DATA,
-    "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+    "train": {
+        "model": "smallcnn",
+        "image_size": 32,
+        "epochs": 2,
+        "batch_size": 16,
+        "target_sensitivity": 0.9,
+    },
     "cv": {"folds": 3, "attacks": ["fgsm"], "eps": "4/255", "batch_size": 32},
 }
 VOLATILE = {"seconds", "seconds_per_fold", "env", "train_seconds", "wall_seconds", "history"}
@@ -186,6 +192,24 @@ def test_pooled_metrics_equal_those_recomputed_from_the_saved_predictions(tiny_c
     assert (tiny_cv / "report.md").is_file() and (tiny_cv / "figures" / "roc.png").is_file()
 
 
+def test_cv_reports_metrics_at_each_folds_validation_threshold(tiny_cv: Path) -> None:
+    from histoshield import models
+
+    r = json.loads((tiny_cv / "results.json").read_text())
+    rows = CV.read_oof(tiny_cv / "oof.csv")
+    for f in r["folds"]:
+        ckpt = models.load_checkpoint(tiny_cv / f"fold_{f['fold']}" / "train" / "best.pt")
+        assert ckpt.meta["extra"]["threshold"] == f["threshold"] is not None
+        res = json.loads((tiny_cv / f"fold_{f['fold']}" / "train" / "results.json").read_text())
+        assert res["at_threshold"]["val"]["sensitivity"] >= 0.9  # reached on validation
+    y = np.array([row["label"] == "malignant" for row in rows])
+    pred = np.array([row["p_malignant"] >= row["threshold"] for row in rows])
+    at = r["pooled_at_threshold"]
+    assert at["sensitivity"]["value"] == pytest.approx(pred[y].mean())
+    assert at["specificity"]["value"] == pytest.approx((~pred[~y]).mean())
+    assert "at the validation-chosen threshold" in (tiny_cv / "report.md").read_text()
+
+
 def test_existing_cv_needs_resume(tiny_cv: Path) -> None:
     tcfg, cv = CV.resolve_cv_config(_tiny(tiny_cv.parent))
     with pytest.raises(HistoshieldError, match="--resume"):
@@ -217,3 +241,16 @@ def test_kill_mid_cv_then_resume_equals_uninterrupted(tiny_cv: Path, tmp_path: P
     resumed = json.loads((out / "results.json").read_text())
     full = json.loads((tiny_cv / "results.json").read_text())
     assert _stable(resumed) == _stable(full)
+
+
+def test_cpu_preset_serves_train_and_cv() -> None:
+    from histoshield.study import shipped_configs
+    from histoshield.training import resolve_config
+
+    path = shipped_configs()["cpu"]
+    tcfg = resolve_config(path)  # `histoshield train --config <cpu.yaml>`
+    assert tcfg.model == "efficientnet_lite0" and tcfg.split_by == "patient"
+    t2, cv = CV.resolve_cv_config("cpu", cv_overrides={"folds": 3})
+    assert t2 == tcfg and cv.folds == 3 and cv.group_by == "patient"
+    raw = yaml.safe_load(path.read_text())
+    assert cv.eps == pytest.approx(2 / 255) and raw["table3_eps"] == "2/255"
