@@ -275,3 +275,42 @@ def build_comparison(run_dirs: dict[str, Path], out: Path) -> Path:
     out = Path(out)
     write_text(out.with_suffix(".html"), to_html(blocks, "image vs patient CV"))
     return write_text(out, to_markdown(blocks, out.parent))
+
+
+def ablation_table(runs: dict[str, Path]) -> T.Table:
+    """One row per CV folder (a recipe variant): fold mean ± sd and pooled balanced accuracy
+    and sensitivity, specificity, AUC, and minutes per fold."""
+    rows = []
+    for name, d in runs.items():
+        r = load_results(Path(d))
+        ms, p = r["fold_mean_sd"], r["pooled"]
+        rows.append(
+            [
+                name,
+                r["group_by"],
+                str(r["k"]),
+                _ms(ms["balanced_accuracy"]),
+                _ms(ms["sensitivity"]),
+                _ms(ms["specificity"]),
+                f"{_v(p['balanced_accuracy'])} {_ci(p['balanced_accuracy'])}",
+                f"{_v(p['sensitivity'])} {_ci(p['sensitivity'])}",
+                _v(p["auc"]),
+                f"{r['seconds_per_fold']['mean'] / 60:.1f}",
+            ]  # fmt: skip
+        )
+    return T.Table(
+        "Recipe ablation by cross-validation on the same patients",
+        [
+            "variant",
+            "folds by",
+            "k",
+            "balanced acc. (fold mean ± sd)",
+            "sensitivity (mean ± sd)",
+            "specificity (mean ± sd)",
+            "pooled balanced acc. (95% CI)",
+            "pooled sensitivity (95% CI)",
+            "pooled AUC",
+            "min / fold",
+        ],  # fmt: skip
+        rows,
+    )
