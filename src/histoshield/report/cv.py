@@ -85,7 +85,7 @@ def fold_table(r: dict[str, Any]) -> T.Table:
         m = f["metrics"]
         rows.append(
             [str(f["fold"]), T.count(f["n_test"]), str(len(f["patients"]))]
-            + [T.pct(m.get(k)) if k != "auc" else T.num(m.get(k)) for k in keys]
+            + [T.pct(m.get(k)) for k in keys]
             + [f"{f['seconds']['total']:.0f}", "yes" if f["degenerate"] else "no"]
         )
     ms = r["fold_mean_sd"]
