@@ -371,6 +371,8 @@ def cv_cmd(
     from histoshield.cv import resolve_cv_config, run_cv, run_leak_comparison
 
     both = group_by == "both"
+    if both and folds_file:
+        raise HistoshieldError("--folds-file fixes one grouping; not with --group-by both")
     tcfg, cv = resolve_cv_config(
         config,
         cv_overrides={"folds": folds, "group_by": None if both else group_by,
