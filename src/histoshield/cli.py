@@ -21,6 +21,8 @@ app.add_typer(data_app, name="data")
 # ---- data commands ------------------------------------------------------------------------
 
 _MAG_HELP = "Keep only this magnification (40, 100, 200, 400; repeatable)."
+_CLASSES_HELP = "Accepted labels, comma-separated (default benign,malignant)."
+_LEAK_HELP = "Accept a split CSV that puts a patient in two splits (image-level protocol)."
 
 
 @data_app.command("inspect")
@@ -28,13 +30,15 @@ def data_inspect(
     path: str = typer.Argument(..., help="Folder, manifest/split CSV, or 'synthetic'."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     magnification: list[str] = typer.Option([], "--magnification", "-m", help=_MAG_HELP),
+    classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
 ) -> None:
     """Count images per class, subtype, magnification and patients; list problems."""
     import json
 
     from histoshield.data import format_inspection, inspect_imageset, load_imageset
 
-    info = inspect_imageset(load_imageset(path, magnifications=magnification, on_bad="report"))
+    ims = load_imageset(path, magnifications=magnification, on_bad="report", classes=classes)
+    info = inspect_imageset(ims)
     typer.echo(json.dumps(info) if json_out else format_inspection(info))
 
 
@@ -48,11 +52,13 @@ def data_split(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     magnification: list[str] = typer.Option([], "--magnification", "-m", help=_MAG_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad files instead of stopping."),
+    classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
 ) -> None:
     """Split into train/val/test (by patient by default) and print a Table-1-style summary."""
     from histoshield.data import format_split_summary, load_imageset, make_split, write_split
 
-    ims = load_imageset(path, magnifications=magnification, on_bad="skip" if skip_bad else "raise")
+    on_bad = "skip" if skip_bad else "raise"
+    ims = load_imageset(path, magnifications=magnification, on_bad=on_bad, classes=classes)
     split = make_split(ims, by=by, val=val, test=test, seed=seed)
     write_split(out, split)
     typer.echo(format_split_summary(split))
@@ -103,6 +109,8 @@ def train_cmd(
     early_stopping: int | None = typer.Option(None, "--early-stopping", help="Patience."),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
     magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
+    classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
+    allow_patient_leak: bool | None = typer.Option(None, "--allow-patient-leak", help=_LEAK_HELP),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -123,7 +131,7 @@ def train_cmd(
         batch_size=batch_size, lr=lr, optimizer=optimizer, scheduler=scheduler,
         image_size=image_size, seed=seed, defense=defense, stain_norm=stain_norm,
         early_stopping=early_stopping, skip_bad=skip_bad, magnification=magnification or None,
-        device=device,
+        classes=classes, allow_patient_leak=allow_patient_leak, device=device,
     )  # fmt: skip
     if folder is None:
         folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -152,6 +160,8 @@ def evaluate_cmd(
     only: str | None = typer.Option(None, "--only", help="Only images of this class."),
     purify: str | None = typer.Option(None, "--purify", help="e.g. jpeg:quality=75."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    classes: str | None = typer.Option(None, "--classes", help="Labels (default: the model's)."),
+    allow_patient_leak: bool = typer.Option(False, "--allow-patient-leak", help=_LEAK_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
@@ -170,6 +180,8 @@ def evaluate_cmd(
         purify=purify,
         skip_bad=skip_bad,
         device=device,
+        classes=classes,
+        allow_patient_leak=allow_patient_leak,
     )
     typer.echo(json.dumps(_json_safe(m)) if json_out else format_metrics(m))
 

@@ -41,13 +41,15 @@ class TrainConfig(Strict):
     test: float = Field(0.1, gt=0, lt=0.5)
     magnification: list[int] = Field(default_factory=list)
     skip_bad: bool = False
+    classes: list[str] | None = None  # accepted labels; None: benign, malignant
+    allow_patient_leak: bool = False  # a split CSV may put a patient in two splits
     model: str = "smallcnn"
     weights: str = "none"
     image_size: int = Field(96, ge=32, le=1024)
     stain_norm: Literal["none", "reinhard", "macenko"] = "none"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["none", "cosine", "step"] = "none"
@@ -59,6 +61,23 @@ class TrainConfig(Strict):
     amp: bool = True
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes(cls, v: Any) -> Any:
+        from histoshield.data.layouts import parse_classes
+
+        if v is None:
+            return None
+        try:
+            return list(parse_classes(v))
+        except HistoshieldError as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def leak_allowed(self) -> bool:
+        """Patient leakage across splits is accepted: asked for, or an image-level split."""
+        return self.allow_patient_leak or self.split_by == "image"
 
     @field_validator("magnification", mode="before")
     @classmethod

@@ -256,7 +256,12 @@ def _split_set(ctx: Context):
     from histoshield.data.splits import read_split
 
     if "split" not in ctx.cache:
-        ctx.cache["split"] = read_split(ctx.out / "split.csv")
+        t = ctx.cfg.train
+        ctx.cache["split"] = read_split(
+            ctx.out / "split.csv",
+            classes=t.classes,
+            allow_patient_leak=t.allow_patient_leak or ctx.cfg.split_by == "image",
+        )
     return ctx.cache["split"]
 
 
@@ -382,7 +387,13 @@ def _stage_split(ctx: Context) -> dict[str, Any]:
 
     cfg = ctx.cfg
     on_bad = "skip" if cfg.train.skip_bad else "raise"
-    iset = load_imageset(cfg.data, magnifications=cfg.train.magnification or None, on_bad=on_bad)
+    iset = load_imageset(
+        cfg.data,
+        magnifications=cfg.train.magnification or None,
+        on_bad=on_bad,
+        classes=cfg.train.classes,
+        allow_patient_leak=cfg.train.allow_patient_leak or cfg.split_by == "image",
+    )
     if len(iset.classes) < 2:
         raise HistoshieldError(f"the study needs two classes; {cfg.data} has {iset.classes}")
     if cfg.only is not None and cfg.only not in iset.classes:

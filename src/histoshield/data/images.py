@@ -17,15 +17,25 @@ IGNORED_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
 IGNORED_EXTENSIONS = frozenset(
     {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".html", ".pdf", ".npy", ".py", ".xml"}
 )
-_DEFAULT_MAX_PIXELS = 400_000_000  # ~1.2 GB as RGB; real BreakHis images are 0.3 MP
+_DEFAULT_MAX_PIXELS = 400_000_000  # see docs/reliability_data.md: ~5 bytes/pixel while decoding
 
 
 def max_pixels() -> int:
-    """Largest image (width × height) we decode: `$HISTOSHIELD_MAX_PIXELS`, default 400 MP."""
+    """Pixel limit (width × height): images of this many pixels or more are refused.
+
+    `$HISTOSHIELD_MAX_PIXELS`, default 400 MP; real BreakHis images are 0.3 MP.
+    """
     try:
         return int(os.environ.get("HISTOSHIELD_MAX_PIXELS", _DEFAULT_MAX_PIXELS))
     except ValueError:
         return _DEFAULT_MAX_PIXELS
+
+
+def os_error_text(e: OSError) -> str:
+    """Words for an OS-level read failure (not a broken image): permission denied, EIO..."""
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"cannot read ({e.strerror or e})"
 
 
 def is_image_file(path: Path) -> bool:
@@ -55,10 +65,10 @@ def _open(path: Path) -> Image.Image:
     finally:
         Image.MAX_IMAGE_PIXELS = old
     w, h = img.size
-    if w * h > limit:
+    if w * h >= limit:  # exclusive: the limit itself is the first size refused
         img.close()
         raise ValueError(
-            f"image is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the "
+            f"image is {w}x{h} ({w * h / 1e6:.0f} megapixels), at or over the "
             f"{limit / 1e6:.0f} MP limit (downscale it, or raise HISTOSHIELD_MAX_PIXELS)"
         )
     if w < 1 or h < 1:
@@ -67,12 +77,16 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def check_image(path: Path) -> str | None:
-    """Cheap validity check without a full decode; returns a problem description or None."""
+def check_image(path: Path, *, decode: bool = False) -> str | None:
+    """Validity check; returns a problem description or None.
+
+    Without `decode` only headers and (PNG) chunk checksums are read, which misses files whose
+    pixel data is bad (an empty IDAT behind a valid header); `decode=True` also decodes them.
+    """
     try:
         size = path.stat().st_size
     except OSError as e:
-        return f"cannot read file ({e.strerror or e})"
+        return os_error_text(e)
     if size == 0:
         return "empty file (0 bytes)"
     try:
@@ -85,6 +99,10 @@ def check_image(path: Path) -> str | None:
         return str(e)
     except UnidentifiedImageError:
         return "not an image (PIL cannot identify it)"
+    except OSError as e:
+        if e.errno is not None:  # a read failure, not a format error (PIL's have no errno)
+            return os_error_text(e)
+        return f"corrupt image ({type(e).__name__}: {e})"
     except Exception as e:  # PIL raises many types for broken files
         return f"corrupt image ({type(e).__name__}: {e})"
     if fmt == "JPEG":
@@ -94,6 +112,11 @@ def check_image(path: Path) -> str | None:
             tail = f.read()
         if b"\xff\xd9" not in tail:
             return "truncated JPEG (no end-of-image marker)"
+    if decode:
+        try:
+            read_rgb(path)
+        except HistoshieldError as e:
+            return str(e).removeprefix(f"{path}: ").removesuffix("; replace or remove it")
     return None
 
 
@@ -143,6 +166,13 @@ def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
         raise HistoshieldError(
             f"{path}: not an image (PIL cannot identify it); replace or remove it"
         ) from None
+    except OSError as e:
+        if e.errno is None:
+            raise HistoshieldError(
+                f"{path}: corrupt or truncated image ({type(e).__name__}: {e}); replace or "
+                "remove it"
+            ) from None
+        raise HistoshieldError(f"{path}: {os_error_text(e)}") from None
     except Exception as e:
         raise HistoshieldError(
             f"{path}: corrupt or truncated image ({type(e).__name__}: {e}); replace or remove it"

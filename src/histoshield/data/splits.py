@@ -12,6 +12,7 @@ import csv
 import io
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from histoshield.data.breakhis import patient_group
 from histoshield.data.records import ImageSet, Record
 from histoshield.errors import HistoshieldError
-from histoshield.runtime import write_text
+from histoshield.runtime import atomic_write
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ("path", "label", "split", "patient", "subtype", "magnification")
@@ -235,7 +236,11 @@ def _patients_per_split(imageset: ImageSet) -> dict[str, int] | None:
 
 
 def write_split(path: str | Path, imageset: ImageSet) -> Path:
-    """Write `path,label,split,patient,subtype,magnification` (paths relative to the CSV)."""
+    """Write `path,label,split,patient,subtype,magnification` (paths relative to the CSV).
+
+    UTF-8; a file name that is not valid UTF-8 is written as its raw bytes (surrogateescape),
+    which `load_imageset` reads back to the same name on disk.
+    """
     path = Path(path).expanduser().resolve()
     unsplit = [r for r in imageset.records if r.split not in SPLITS]
     if unsplit:
@@ -254,7 +259,8 @@ def write_split(path: str | Path, imageset: ImageSet) -> Path:
                 r.magnification if r.magnification is not None else "",
             ]
         )
-    return write_text(path, buf.getvalue())
+    data = buf.getvalue().encode("utf-8", errors="surrogateescape")
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _rel(p: Path, base: Path) -> str:
@@ -265,8 +271,17 @@ def _rel(p: Path, base: Path) -> str:
         return str(p)
 
 
-def read_split(path: str | Path, *, on_bad: str = "raise") -> ImageSet:
-    """Read a split CSV written by `write_split` (every row must have a train/val/test split)."""
+def read_split(
+    path: str | Path,
+    *,
+    on_bad: str = "raise",
+    classes: Sequence[str] | str | None = None,
+    allow_patient_leak: bool = False,
+) -> ImageSet:
+    """Read a split CSV written by `write_split` (every row must have a train/val/test split).
+
+    `classes` and `allow_patient_leak` as in `load_imageset`.
+    """
     from histoshield.data.layouts import load_imageset
 
     p = Path(path).expanduser()
@@ -274,7 +289,7 @@ def read_split(path: str | Path, *, on_bad: str = "raise") -> ImageSet:
         raise HistoshieldError(
             f"split file not found: {p} (write one with `histoshield data split`)"
         )
-    ims = load_imageset(p, on_bad=on_bad)
+    ims = load_imageset(p, on_bad=on_bad, classes=classes, allow_patient_leak=allow_patient_leak)
     if ims.layout != "split":
         raise HistoshieldError(f"{p} has no 'split' column; is it a split CSV from `data split`?")
     return ims

@@ -43,6 +43,17 @@ def _plain(obj: Any, where: str) -> Any:
     )
 
 
+def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or inf, or None when all are finite."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return None
+    ok = torch.stack([torch.isfinite(state_dict[k]).all() for k in names])  # one sync
+    if bool(ok.all()):
+        return None
+    return names[int((~ok).nonzero()[0])]
+
+
 def save_checkpoint(
     path: str | Path,
     model: HistoModel,
@@ -51,11 +62,21 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically write weights + everything needed to rebuild the model (weights_only-loadable)."""
+    """Atomically write weights + everything needed to rebuild the model (weights_only-loadable).
+
+    Non-finite weights (a diverged run) are refused: such a file would only ever predict NaN.
+    """
     model = raise_if_not_histomodel(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise HistoshieldError(
+            f"refusing to save {path}: weight {bad!r} is NaN or infinite (training diverged; "
+            "lower --lr)"
+        )
     payload = {
         "format": FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
         "name": model.name,
         "weights": model.weights,
         "num_classes": model.num_classes,
@@ -88,6 +109,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> HistoModel:
     """Rebuild the model from a checkpoint (no pretrained files needed), in eval mode."""
     ckpt = read_checkpoint(path, map_location)
+    if isinstance(ckpt["state_dict"], dict):
+        bad = first_nonfinite(ckpt["state_dict"])
+        if bad is not None:
+            raise HistoshieldError(
+                f"checkpoint {path} holds NaN or infinite weights ({bad!r}): it comes from a "
+                "diverged run; retrain with a lower --lr"
+            )
     model = build(
         ckpt["name"],
         ckpt["weights"],
