@@ -163,7 +163,7 @@ def parse_classes(classes: Sequence[str] | str | None) -> tuple[str, ...]:
 def _unknown_label(value: str, allowed: tuple[str, ...], where: str = "") -> str:
     return (
         f"label {value!r}{f' ({where})' if where else ''} is not one of the classes "
-        f"{', '.join(allowed)} (fix it, or pass --classes with the full list)"
+        f"{', '.join(allowed)} (pass --classes to accept others)"
     )
 
 
