@@ -25,7 +25,7 @@ from histoshield.data.breakhis import (
     parse_breakhis_name,
 )
 from histoshield.data.images import check_image, is_ignorable, is_image_file, os_error_text
-from histoshield.data.records import ImageSet, Record
+from histoshield.data.records import ImageSet, Record, patient_leaks
 from histoshield.errors import HistoshieldError
 
 ON_BAD = ("raise", "skip", "report")
@@ -176,17 +176,13 @@ def _check_labels(records: list[Record], allowed: tuple[str, ...], source: Path)
 
 def _check_patient_leak(records: list[Record], source: Path, probs: _Problems, allow: bool) -> None:
     """A patient in two splits makes the held-out images depend on training images."""
-    splits: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        if r.patient:
-            splits[r.patient].add(r.split or "")
-    leaked = sorted(p for p, s in splits.items() if len(s) > 1)
+    leaked = patient_leaks(records)
     if not leaked:
         return
-    first = leaked[0]
+    first, n_patients = next(iter(leaked)), len({r.patient for r in records if r.patient})
     what = (
-        f"{source}: {len(leaked)} of {len(splits)} patients are in more than one split (e.g. "
-        f"{first} in {', '.join(s for s in SPLITS if s in splits[first])})"
+        f"{source}: {len(leaked)} of {n_patients} patients are in more than one split (e.g. "
+        f"{first} in {', '.join(leaked[first])})"
     )
     if allow:
         probs.note(f"{what}; allowed for an image-level protocol (--allow-patient-leak)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from histoshield.data.breakhis import patient_group
-from histoshield.data.records import ImageSet, Record
+from histoshield.data.records import ImageSet, Record, patient_leaks
 from histoshield.errors import HistoshieldError
 from histoshield.runtime import atomic_write
 
@@ -85,6 +85,12 @@ def make_split(
     else:
         assign = _image_split(records, val, test, seed)
     out = [r.with_split(assign[i]) for i, r in enumerate(records)]
+    leaked = patient_leaks(out)
+    if leaked:  # said once here, so nobody is surprised when training asks for the flag
+        problems.append(
+            f"image-level split: {len(leaked)} patients have images in more than one split; "
+            "training and evaluating on it need --allow-patient-leak (or split_by: image)"
+        )
     return ImageSet(imageset.root, imageset.layout, out, problems)
 
 

@@ -120,7 +120,9 @@ def load_records(
             raise HistoshieldError(
                 f"split file not found: {sp} (pass the split.csv of the training run)"
             )
-        iset, source = hd.read_split(sp, **kw), str(sp)
+        own = run_split.is_file() and sp.resolve() == run_split.resolve()
+        iset = hd.read_split(sp, **{**kw, "allow_patient_leak": kw["allow_patient_leak"] or own})
+        source = str(sp)
     elif data is not None:
         iset, source = hd.load_imageset(data, **kw), str(data)
         if unsplit == "resplit" and not any(r.split for r in iset.records):
@@ -132,7 +134,9 @@ def load_records(
                 seed=cfg.get("seed", 0),
             )
     elif run_split.is_file():
-        iset, source = hd.read_split(run_split, **kw), str(run_split)
+        # The run's own split was accepted (or made) when it trained.
+        iset = hd.read_split(run_split, **{**kw, "allow_patient_leak": True})
+        source = str(run_split)
     else:
         raise HistoshieldError(
             f"no data to evaluate: pass --split (e.g. {run_split}) or --data PATH"

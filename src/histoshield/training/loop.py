@@ -253,8 +253,8 @@ def _prepare_split(cfg: TrainConfig, out: Path, resume: bool):
 
     saved = out / "split.csv"
     labels = {"classes": cfg.classes, "allow_patient_leak": cfg.leak_allowed}
-    if resume and saved.is_file():
-        return hd.read_split(saved, **labels)
+    if resume and saved.is_file():  # the run's own split, accepted when the run started
+        return hd.read_split(saved, classes=cfg.classes, allow_patient_leak=True)
     if cfg.split:
         p = Path(cfg.split).expanduser()
         if not p.is_file():
