@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from histoshield.data.images import os_error_text, read_rgb
+from histoshield.data.images import content_digest, read_rgb
 from histoshield.data.records import Record
 from histoshield.errors import HistoshieldError
 from histoshield.runtime import atomic_write
@@ -26,19 +26,6 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "histoshield"
 
 
-def content_digest(path: Path) -> bytes:
-    """A 128-bit BLAKE2b digest of the file's bytes (the decode cache's notion of 'same file')."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).digest()
-    except FileNotFoundError:
-        raise HistoshieldError(
-            f"{path}: image file disappeared; re-run `histoshield data inspect`"
-        ) from None
-    except OSError as e:
-        raise HistoshieldError(f"{path}: {os_error_text(e)}") from None
-
-
 def _cache_key(records: Sequence[Record], size: int) -> str:
     """Keyed on each file's content, not its size and mtime: a file replaced by `cp -p`,
     rsync or tar keeps both, and must not be served the old pixels (see benchmarks/cache_key.py
@@ -48,7 +35,8 @@ def _cache_key(records: Sequence[Record], size: int) -> str:
         digests = list(ex.map(lambda r: content_digest(r.path), records))
     h = hashlib.sha256(f"v{_CACHE_VERSION}|{size}".encode())
     for r, d in zip(records, digests, strict=True):
-        h.update(b"|" + os.fsencode(r.path) + b"|" + d)  # fsencode: names need not be UTF-8
+        # fsencode: file names need not be valid UTF-8
+        h.update(b"|" + os.fsencode(r.path) + b"|" + d.encode())
     return h.hexdigest()[:32]
 
 

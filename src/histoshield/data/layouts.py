@@ -8,7 +8,6 @@ them in `ImageSet.problems` (``"report"`` is what `inspect` uses).
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 from collections import defaultdict
@@ -24,7 +23,13 @@ from histoshield.data.breakhis import (
     normalise_subtype,
     parse_breakhis_name,
 )
-from histoshield.data.images import check_image, is_ignorable, is_image_file, os_error_text
+from histoshield.data.images import (
+    check_image,
+    content_digest,
+    is_ignorable,
+    is_image_file,
+    os_error_text,
+)
 from histoshield.data.records import ImageSet, Record, patient_leaks
 from histoshield.errors import HistoshieldError
 
@@ -491,15 +496,6 @@ def _validate_files(records: list[Record], probs: _Problems) -> list[Record]:
     return [r for r in records if r.path not in probs.bad]
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_duplicates(records: list[Record], probs: _Problems) -> None:
     """Same bytes under two labels is a labelling error; only same-size files are hashed."""
     by_size: dict[int, list[Record]] = defaultdict(list)
@@ -509,7 +505,7 @@ def _check_duplicates(records: list[Record], probs: _Problems) -> None:
     for group in by_size.values():
         if len(group) > 1:
             for r in group:
-                by_hash[sha256_of(r.path)].append(r)
+                by_hash[content_digest(r.path)].append(r)
     for digest, group in sorted(by_hash.items()):
         if len(group) < 2:
             continue
