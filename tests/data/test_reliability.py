@@ -227,6 +227,26 @@ def test_header_only_png_is_found_and_skippable(tmp_path: Path, capsys) -> None:
         load_arrays(strict.records, 8, cache_dir=tmp_path / "c", progress=False)
 
 
+def test_full_check_decodes_each_content_once(tmp_path: Path, monkeypatch) -> None:
+    from histoshield.data import images
+
+    root = _two_class_tree(tmp_path / "d")
+    monkeypatch.setenv("HISTOSHIELD_CACHE", str(tmp_path / "cache"))
+    calls: list[Path] = []
+    real = images.read_rgb
+    monkeypatch.setattr(images, "read_rgb", lambda p, s=None: calls.append(p) or real(p, s))
+    load_imageset(root, on_bad="skip")
+    assert len(calls) == 6
+    load_imageset(root, on_bad="report")  # same bytes: known to decode, not decoded again
+    assert len(calls) == 6
+    write_image(root / "benign" / "b0.png", value=77)  # new content under the same name
+    load_imageset(root, on_bad="skip")
+    assert calls[6:] == [root / "benign" / "b0.png"]
+    bad = png_header_only(root / "benign" / "empty-idat.png", 3000, 3000)
+    for _ in range(2):  # failures are never remembered as good
+        assert bad not in {r.path for r in load_imageset(root, on_bad="skip").records}
+
+
 def test_issue_sized_header_is_refused_by_the_pixel_limit(tmp_path: Path) -> None:
     bad = png_header_only(tmp_path / "huge.png", 20000, 20000)  # exactly the 400 MP default
     assert "limit" in (check_image(bad) or "")

@@ -188,3 +188,19 @@ def test_train_skip_bad_skips_a_file_that_fails_to_decode(tmp_path: Path, capsys
     assert "empty-idat.png" in err  # reported, not dropped silently
     assert bad not in {r.path for r in read_split(run / "split.csv").records}
     assert json.loads((run / "results.json").read_text())["epochs_run"] == 1
+
+
+def test_train_with_an_explicit_classes_list(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "d"
+    for cls, base in (("Normal", 0), ("tumour", 50)):
+        for i in range(10):
+            write_image(root / cls / f"{i}.png", value=base + i, size=16)
+    run = tmp_path / "r"
+    code, _, err = run_cli(capsys, "train", "--data", str(root), "--out", str(run), *TINY)
+    assert "'Normal'" in _one_line_error(code, err) and "--classes" in err
+    args = ["train", "--data", str(root), "--out", str(run), "--classes", "normal,tumour", *TINY]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert json.loads((run / "results.json").read_text())["classes"] == ["normal", "tumour"]
+    code, _, err = run_cli(capsys, "evaluate", "-c", str(run / "best.pt"), "--data", str(root))
+    assert code == 0, err  # the model's classes are the accepted labels

@@ -98,11 +98,13 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def check_image(path: Path, *, decode: bool = False) -> str | None:
+def check_image(path: Path, *, decode: bool = False, decoded_ok: Path | None = None) -> str | None:
     """Validity check; returns a problem description or None.
 
     Without `decode` only headers and (PNG) chunk checksums are read, which misses files whose
     pixel data is bad (an empty IDAT behind a valid header); `decode=True` also decodes them.
+    `decoded_ok` is a folder of markers named by content digest: a file whose bytes decoded
+    before is not decoded again, and one that decodes now gets a marker.
     """
     try:
         size = path.stat().st_size
@@ -133,13 +135,28 @@ def check_image(path: Path, *, decode: bool = False) -> str | None:
             tail = f.read()
         if b"\xff\xd9" not in tail:
             return "truncated JPEG (no end-of-image marker)"
-    if decode:
+    return _decode_problem(path, decoded_ok) if decode else None
+
+
+def _decode_problem(path: Path, decoded_ok: Path | None) -> str | None:
+    marker = None
+    try:
+        if decoded_ok is not None:
+            digest = content_digest(path)
+            marker = decoded_ok / digest[:2] / digest
+            if marker.exists():
+                return None
+        # The way load_arrays decodes (JPEG draft, integer reduce) at a small size: the same
+        # failures, at about half the memory of a full-size decode.
+        read_rgb(path, CHECK_SIZE)
+    except HistoshieldError as e:
+        return str(e).removeprefix(f"{path}: ").removesuffix("; replace or remove it")
+    if marker is not None:
         try:
-            # The way load_arrays decodes (JPEG draft, integer reduce) at a small size: the
-            # same failures, at about half the memory of a full-size decode.
-            read_rgb(path, CHECK_SIZE)
-        except HistoshieldError as e:
-            return str(e).removeprefix(f"{path}: ").removesuffix("; replace or remove it")
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass  # a read-only cache only costs the next check its speed
     return None
 
 

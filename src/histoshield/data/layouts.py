@@ -487,13 +487,26 @@ def _validate_files(records: list[Record], probs: _Problems) -> list[Record]:
     """
     records = [r for r in records if r.path not in probs.bad]
     decode = probs.on_bad != "raise"
+    ok_dir = _decoded_ok_dir() if decode else None
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        results = list(ex.map(lambda r: check_image(r.path, decode=decode), records))
+        results = list(
+            ex.map(lambda r: check_image(r.path, decode=decode, decoded_ok=ok_dir), records)
+        )
     for r, problem in zip(records, results, strict=True):
         if problem:
             probs.bad_file(r.path, problem)
     return [r for r in records if r.path not in probs.bad]
+
+
+def _decoded_ok_dir() -> Path:
+    """Markers of file contents that decoded, per PIL version and check size (in the cache)."""
+    import PIL
+
+    from histoshield.data.arrays import cache_root
+    from histoshield.data.images import CHECK_SIZE
+
+    return cache_root() / "decoded-ok" / f"pil{PIL.__version__}-{CHECK_SIZE}"
 
 
 def _check_duplicates(records: list[Record], probs: _Problems) -> None:
