@@ -315,13 +315,13 @@ def _class_folder_records(
     root: Path, images: list[Path], dirs: list[Path], probs: _Problems, allowed: tuple[str, ...]
 ) -> list[Record]:
     by_class: dict[str, list[Path]] = defaultdict(list)
-    folders: set[str] = set()
+    folders: dict[str, int] = defaultdict(int)  # top-level folder -> images in it
     for p in images:
         rel = p.relative_to(root).parts
         if len(rel) == 1:
             probs.bad_file(p, "image directly in the data folder, not in a class folder")
             continue
-        folders.add(rel[0])
+        folders[rel[0]] += 1
         label = normalise_label(rel[0])
         if label not in allowed:
             continue
@@ -330,7 +330,8 @@ def _class_folder_records(
         if normalise_label(name) not in allowed:
             # One line for the folder, not one per image; never a class of its own.
             probs.note(
-                f"{root / name}: class folder {_unknown_label(name, allowed)}",
+                f"{root / name}: class folder {_unknown_label(name, allowed)}; its "
+                f"{folders[name]} images are left out",
                 fatal_when_raising=True,
             )
     top = [d for d in dirs if d.parent == root]

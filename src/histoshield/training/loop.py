@@ -416,8 +416,9 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
                     f"was written; lower --lr (now {cfg.lr:g})"
                 )
             stopped = (
-                f"training diverged in epoch {epoch} ({diverged}); stopped, keeping the "
-                f"checkpoints of epoch {epoch - 1}; lower --lr (now {cfg.lr:g}) to go further"
+                f"training diverged in epoch {epoch} ({diverged}); stopped, keeping last.pt of "
+                f"epoch {epoch - 1} and best.pt of epoch {best_epoch}; lower --lr (now "
+                f"{cfg.lr:g}) to go further"
             )
             if ctx.is_main:
                 print(f"warning: {stopped}", file=sys.stderr)
