@@ -177,17 +177,18 @@ def evaluate_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    images: list[str] = typer.Argument(..., help="Image files."),
+    images: list[str] = typer.Argument(..., help="Image files or folders of images."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON list."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
 ) -> None:
     """Predicted class and its probability for each image."""
     import json
 
     from histoshield.evaluation.predict import predict_images
 
-    res = predict_images(images, checkpoint, device=device)
+    res = predict_images(images, checkpoint, device=device, skip_bad=skip_bad)
     if json_out:
         typer.echo(json.dumps(res))
     else:

@@ -85,6 +85,23 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
+def _mismatch(own: dict[str, Any], given: dict[str, Any], show: int = 3) -> str:
+    """'' when the keys and shapes agree, else counts and a few example keys of each problem."""
+    parts = []
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    shapes = sorted(
+        k
+        for k in set(own) & set(given)
+        if getattr(given[k], "shape", None) != getattr(own[k], "shape", None)
+    )
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", shapes)):
+        if keys:
+            more = f", … {len(keys) - show} more" if len(keys) > show else ""
+            parts.append(f"{len(keys)} {what} weights: {', '.join(keys[:show])}{more}")
+    return "; ".join(parts)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> HistoModel:
     """Rebuild the model from a checkpoint (no pretrained files needed), in eval mode."""
     ckpt = read_checkpoint(path, map_location)
@@ -97,13 +114,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         stain_norm=ckpt.get("stain_norm", "none"),
         pretrained=False,
     )
+    state = ckpt["state_dict"]
+    mismatch = _mismatch(model.state_dict(), state) if isinstance(state, dict) else "no weights"
+    if mismatch:  # torch's own message lists every key: kilobytes for a user to read
+        raise HistoshieldError(
+            f"checkpoint {path} does not match model {ckpt['name']!r} ({mismatch}): was it "
+            "written for another architecture or number of classes?"
+        )
     try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
         raise HistoshieldError(
             f"checkpoint {path} does not match model {ckpt['name']!r}: "
-            f"{first[1].strip() if len(first) > 1 else first[0]}"
+            f"{str(e).strip().splitlines()[0][:200]}"
         ) from None
     model.meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.to(map_location).eval()
