@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ def save_checkpoint(
         "metrics": _plain(metrics, "metrics"),
         "extra": _plain(extra, "extra"),
     }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buf = io.BytesIO()  # torch.save to a path turns a full disk into a vague RuntimeError
+    torch.save(payload, buf)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -85,7 +88,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
-def _mismatch(own: dict[str, Any], given: dict[str, Any], show: int = 3) -> str:
+def _mismatch(own: dict[str, Any], given: dict[str, Any], show: int = 2) -> str:
     """'' when the keys and shapes agree, else counts and a few example keys of each problem."""
     parts = []
     missing = sorted(set(own) - set(given))
