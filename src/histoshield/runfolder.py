@@ -89,6 +89,8 @@ def os_error(e: OSError, path: str | Path | None = None, verb: str = "write") ->
     """One line for a file-system failure: which path, what happened, what to do."""
     where = path if path is not None else (e.filename or "a file")
     code = e.errno
+    if code in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1)):
+        verb = "write"  # only writing can fail this way
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", -1):
         what, todo = "no space left on the device", "free some space or choose another location"
     elif code == errno.EROFS:
@@ -157,18 +159,22 @@ def _write_holder(fd: int, kind: str) -> None:
     os.pwrite(fd, data, 0)
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def check_kind(out: Path, kind: str, *, resume: bool, overwrite: bool) -> None:
     """Refuse a folder of another kind, or a finished run of this kind without resume/overwrite."""
     found = kind_of(out)
     if found is not None and found != kind:
         raise HistoshieldError(
-            f"{out} holds a {found} run, not a {kind} run; choose another --out (nothing was "
+            f"{out} holds {_a(found)} run, not {_a(kind)} run; choose another --out (nothing was "
             "written)"
         )
     done = any((out / f).exists() for f in FINISHED.get(kind, ()))
     if found == kind and done and not (resume or overwrite):
         raise HistoshieldError(
-            f"{out} already holds a {kind} run: {_AGAIN.get(kind, _AGAIN['attack'])}, or choose "
+            f"{out} already holds {_a(kind)} run: {_AGAIN.get(kind, _AGAIN['attack'])}, or choose "
             "another --out"
         )
 

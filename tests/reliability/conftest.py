@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_ARGS = ["--data", "synthetic:n=48,size=32,seed=2", "--image-size", "32", "--batch-size",
+TRAIN_ARGS = ["--data", "synthetic:n=96,size=32,seed=2", "--image-size", "32", "--batch-size",
               "16", "--seed", "1", "--quiet", "--device", "cpu"]  # fmt: skip
 
 
@@ -49,7 +49,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HISTOSHIELD_CACHE", str(base / "hs-cache"))
         run = tmp_path_factory.mktemp("trained") / "run"
-        cfg = TrainConfig(data="synthetic:n=48,size=32,seed=2", image_size=32, epochs=1,
+        cfg = TrainConfig(data="synthetic:n=96,size=32,seed=2", image_size=32, epochs=1,
                           batch_size=16, seed=1, device="cpu")  # fmt: skip
         train(cfg, run, progress=False)
     return run
