@@ -62,7 +62,7 @@ def safe_torch_load(path: str | Path, what: str = "file", map_location: str = "c
                 f"cannot read {what} {path}: not a file written by torch.save"
             ) from None
         raise HistoshieldError(
-            f"refusing {what} {path}: loading it would run code ({found.group(1)}), which "
+            f"refusing {what} {path}: it needs unpickling code ({found.group(1)}), which "
             "histoshield never does; re-save it as a plain state_dict"
         ) from None
     except Exception:  # the unpickler raises many types (IndexError, EOFError, ...) on junk
