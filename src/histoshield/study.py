@@ -440,7 +440,8 @@ def stage_keys(stage: str) -> tuple[str, ...]:
         "transfer": (*_CURVE_KEYS, "transfer"),
         "certify": (*_TRAIN_KEYS, "gaussian_sigma", "certify"),
         "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
-    }.get(stage, ())
+        "report": (),  # reads results only; rebuilt after any accepted change
+    }.get(stage, ("*",))  # a stage not listed here: any change may affect it
 
 
 def _flat(cfg: StudyConfig) -> dict[str, Any]:
@@ -467,7 +468,7 @@ def config_changes(old: StudyConfig, new: StudyConfig, finished: list[str]) -> l
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     for stage in finished:
         prefixes = stage_keys(stage)
-        hit = [k for k in changed if any(k == p or k.startswith(p + ".") for p in prefixes)]
+        hit = [k for k in changed if any(p in ("*", k) or k.startswith(p + ".") for p in prefixes)]
         if hit:
             raise HistoshieldError(
                 f"the study holds a different config: {', '.join(hit)} changed, which the "
