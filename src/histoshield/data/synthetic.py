@@ -93,16 +93,16 @@ def synthesize(out: str | Path, n: int = 400, size: int = 96, seed: int = 0) -> 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HistoshieldError(f"{out} already exists and is not empty; choose a new --out folder")
-    plan = _plan(n, seed)
-    labels, patients = plan.labels, plan.patients
-    tiles = np.concatenate(
-        [_render_chunk(size, plan, slice(i, i + _CHUNK), seed) for i in range(0, n, _CHUNK)]
-    )
     created = not out.exists()
     records = []
     try:
-        for c in ("benign", "malignant"):
+        for c in ("benign", "malignant"):  # first: an unwritable --out fails before rendering
             (out / c).mkdir(parents=True, exist_ok=True)
+        plan = _plan(n, seed)
+        labels, patients = plan.labels, plan.patients
+        tiles = np.concatenate(
+            [_render_chunk(size, plan, slice(i, i + _CHUNK), seed) for i in range(0, n, _CHUNK)]
+        )
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["path", "label", "patient", "subtype", "magnification"])
