@@ -122,7 +122,7 @@ def _holder(lock: Path) -> str:
     )
 
 
-def _open_locked(out: Path, kind: str) -> int:
+def _open_locked(out: Path) -> int:
     """Open and flock out/LOCK without waiting; the fd, or one line naming the holder."""
     import fcntl
 
@@ -227,7 +227,7 @@ def claim(
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = _open_locked(out, kind)
+        fd = _open_locked(out)
     except OSError as e:
         raise os_error(e, out) from None
     try:
