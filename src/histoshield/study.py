@@ -215,6 +215,7 @@ def _run_study(
     progress: bool,
     echo: Callable[[str], None] | None,
 ) -> dict[str, Any]:
+    say = echo or (print if progress else _stderr)  # a kept-stages note shows even when quiet
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(cfg)
     state_path = out / STATE
@@ -228,7 +229,7 @@ def _run_study(
     if resume and state_path.is_file():
         state = _read_json(state_path)
         if state.get("config_sha256") != _config_digest(cfg_text):
-            _accept_changed_config(out, cfg, state, echo)
+            _accept_changed_config(out, cfg, state, say)
         results = _read_json(out / RESULTS) if (out / RESULTS).is_file() else {}
     else:
         state = {"finished": [], "config_sha256": _config_digest(cfg_text)}
@@ -262,6 +263,12 @@ def _run_study(
         build_report(out)
     echo(f"report: {out / 'report.html'}")
     return results
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
 
 
 def _accept_changed_config(
