@@ -85,6 +85,7 @@ def data_synth(
 
 _RESUME_HELP = "Continue the run in RUN (or --out) from its last.pt, with its config.yaml."
 _SKIP_BAD_HELP = "Skip bad image files (with a warning) instead of stopping."
+_OVERWRITE_HELP = "Replace a finished run of this kind in --out (another kind is always refused)."
 
 
 @app.command("train")
@@ -188,17 +189,18 @@ def evaluate_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    images: list[str] = typer.Argument(..., help="Image files."),
+    images: list[str] = typer.Argument(..., help="Image files or folders of images."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON list."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
 ) -> None:
     """Predicted class and its probability for each image."""
     import json
 
     from histoshield.evaluation.predict import predict_images
 
-    res = predict_images(images, checkpoint, device=device)
+    res = predict_images(images, checkpoint, device=device, skip_bad=skip_bad)
     if json_out:
         typer.echo(json.dumps(res))
     else:
@@ -233,6 +235,7 @@ def attack_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
 ) -> None:
     """Accuracy under attack per eps (Wilson CI), success rate, L∞/L2, PSNR/SSIM, self-checks."""
     from histoshield.attacks import parse_value
@@ -261,6 +264,7 @@ def attack_cmd(
         skip_bad=skip_bad,
         device=device,
         progress=not json_out,
+        overwrite=overwrite,
     )
     if json_out:
         typer.echo(rows_json(res["results"]))
@@ -278,7 +282,7 @@ def attack_cmd(
 @app.command("certify")
 def certify_cmd(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Base classifier (best.pt)."),
-    sigma: float = typer.Option(0.25, "--sigma", help="Noise std in [0,1] pixel units."),
+    sigma: float = typer.Option(0.25, "--sigma", help="Noise std in (0,1] pixel units."),
     n0: int = typer.Option(100, "--n0", help="Samples to pick the top class."),
     n: int = typer.Option(10_000, "--n", help="Samples to bound its probability."),
     alpha: float = typer.Option(0.001, "--alpha", help="Failure probability of each bound."),
@@ -291,6 +295,7 @@ def certify_cmd(
     out: str | None = typer.Option(None, "--out", help="Folder for certify.json/csv/png."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
 ) -> None:
     """Randomized smoothing (Cohen et al. 2019): certified L2 radius per image and the curve."""
     import json
@@ -312,6 +317,7 @@ def certify_cmd(
         device=device,
         out=out,
         progress=not json_out,
+        overwrite=overwrite,
     )
     if json_out:
         typer.echo(json.dumps(res, indent=2))
@@ -356,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="histoshield", standalone_mode=False)
     except HistoshieldError as e:
         _fail(str(e), e.exit_code)
+    except OSError as e:  # a write that failed outside the atomic helpers: still one line
+        from histoshield.runfolder import os_error
+
+        _fail(str(os_error(e, verb="use")), 2)
     except typer.TyperException as e:  # click's usage errors: unknown option, bad value, ...
         if type(e).__name__ == "NoArgsIsHelpError":  # bare command: its help is the answer
             typer.echo(e.format_message(), nl=False)

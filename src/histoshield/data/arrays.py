@@ -23,7 +23,13 @@ _CACHE_VERSION = "2"  # bump when decoding/resizing or the key changes (2: keyed
 def cache_root() -> Path:
     """`$HISTOSHIELD_CACHE`, default `~/.cache/histoshield`."""
     env = os.environ.get("HISTOSHIELD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "histoshield"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "histoshield"
+    if root.exists() and not root.is_dir():
+        raise HistoshieldError(
+            f"the decode cache {root} (HISTOSHIELD_CACHE) is a file, not a folder: point "
+            "HISTOSHIELD_CACHE at a writable folder"
+        )
+    return root
 
 
 def _cache_key(records: Sequence[Record], size: int) -> str:

@@ -43,6 +43,11 @@ def _check_fractions(val: float, test: float) -> None:
             raise HistoshieldError(f"--{name} must be a fraction in [0, 1), got {f}")
     if val + test >= 1:
         raise HistoshieldError(f"--val + --test must be below 1 (got {val} + {test})")
+    if val == 0 and test == 0:
+        raise HistoshieldError(
+            "--val 0 --test 0 puts every image in train, leaving nothing to validate or test "
+            "on: use e.g. --val 0.1 --test 0.1"
+        )
 
 
 def make_split(

@@ -276,21 +276,58 @@ def evaluate_checkpoint(
     }
 
 
+def _image_paths(images: list[str | Path], skip_bad: bool) -> list[Path]:
+    """Files as given and the image files inside given folders (sorted); missing ones refused
+    (or skipped with a warning under `skip_bad`)."""
+    from histoshield.data.images import is_image_file
+
+    paths: list[Path] = []
+    for item in images:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise HistoshieldError(f"{p} is a folder with no image files; pass images")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        elif skip_bad:
+            print(f"warning: skipped {p}: image not found", file=sys.stderr)
+        else:
+            raise HistoshieldError(f"image not found: {p} (pass existing image files or folders)")
+    return paths
+
+
 def predict_images(
-    images: list[str | Path], checkpoint: str | Path, *, device: str = "auto"
+    images: list[str | Path],
+    checkpoint: str | Path,
+    *,
+    device: str = "auto",
+    skip_bad: bool = False,
 ) -> list[dict[str, Any]]:
-    """Class and probability for each image file."""
+    """Class and probability for each image file (folders: every image inside). With
+    `skip_bad`, unreadable files are skipped with a warning on stderr instead of stopping."""
     from histoshield.data.images import read_rgb
     from histoshield.runtime import pick_device
 
     dev = pick_device(device)
-    paths = [Path(p).expanduser() for p in images]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise HistoshieldError(f"image not found: {missing[0]} (pass existing image files)")
+    paths = _image_paths(images, skip_bad)
     model = load_model(checkpoint, dev)
     size = model.image_size or 224
-    arr = np.stack([read_rgb(p, size) for p in paths])
+    arrays, kept = [], []
+    for p in paths:
+        try:
+            arrays.append(read_rgb(p, size))
+        except HistoshieldError as e:
+            if not skip_bad:
+                raise
+            print(f"warning: skipped {p}: {e}", file=sys.stderr)
+            continue
+        kept.append(p)
+    if not kept:
+        raise HistoshieldError("no readable image to predict: every file was skipped")
+    paths = kept
+    arr = np.stack(arrays)
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
     prob = predict_proba(model, x, device=dev)
     _require_finite(prob, checkpoint, [str(p) for p in paths])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,9 @@ def save_checkpoint(
         "metrics": _plain(metrics, "metrics"),
         "extra": _plain(extra, "extra"),
     }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buf = io.BytesIO()  # torch.save to a path turns a full disk into a vague RuntimeError
+    torch.save(payload, buf)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -104,6 +107,23 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "use a matching histoshield version"
         )
     return obj
+
+
+def _mismatch(own: dict[str, Any], given: dict[str, Any], show: int = 2) -> str:
+    """'' when the keys and shapes agree, else counts and a few example keys of each problem."""
+    parts = []
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    shapes = sorted(
+        k
+        for k in set(own) & set(given)
+        if getattr(given[k], "shape", None) != getattr(own[k], "shape", None)
+    )
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", shapes)):
+        if keys:
+            more = f", … {len(keys) - show} more" if len(keys) > show else ""
+            parts.append(f"{len(keys)} {what} weights: {', '.join(keys[:show])}{more}")
+    return "; ".join(parts)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> HistoModel:
@@ -125,13 +145,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         stain_norm=ckpt.get("stain_norm", "none"),
         pretrained=False,
     )
+    state = ckpt["state_dict"]
+    mismatch = _mismatch(model.state_dict(), state) if isinstance(state, dict) else "no weights"
+    if mismatch:  # torch's own message lists every key: kilobytes for a user to read
+        raise HistoshieldError(
+            f"checkpoint {path} does not match model {ckpt['name']!r} ({mismatch}): was it "
+            "written for another architecture or number of classes?"
+        )
     try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
         raise HistoshieldError(
             f"checkpoint {path} does not match model {ckpt['name']!r}: "
-            f"{first[1].strip() if len(first) > 1 else first[0]}"
+            f"{str(e).strip().splitlines()[0][:200]}"
         ) from None
     model.meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.to(map_location).eval()

@@ -313,11 +313,14 @@ def train(
         raise HistoshieldError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    ctx = D.setup(cfg.device)
-    try:
-        return _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt)
-    finally:
-        ctx.close()
+    from histoshield.runfolder import claim
+
+    with claim(out, "train", resume=resume):
+        ctx = D.setup(cfg.device)
+        try:
+            return _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt)
+        finally:
+            ctx.close()
 
 
 def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -> dict[str, Any]:
