@@ -18,7 +18,7 @@ IGNORED_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
 IGNORED_EXTENSIONS = frozenset(
     {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".html", ".pdf", ".npy", ".py", ".xml"}
 )
-_DEFAULT_MAX_PIXELS = 400_000_000  # decoding for training: ~4 MB/MP RGB (docs/reliability_data.md)
+_DEFAULT_MAX_PIXELS = 400_000_000  # decoding for training: ~4 MB/MP RGB (docs/reliability.md)
 
 
 def max_pixels() -> int:
