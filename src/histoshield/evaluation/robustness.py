@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,7 +72,15 @@ def check_attack(
 
     check_steps(batch_size, "--batch-size")
     stand_in = model if model is not None else nn.Identity()
-    create(attack, stand_in, eps=eps_values[0], batch_size=batch_size, **(params or {}), **kwargs)
+    atk = create(
+        attack, stand_in, eps=eps_values[0], batch_size=batch_size, **(params or {}), **kwargs
+    )
+    big = [e for e in eps_values if e > 1]
+    if big and atk.norm == "linf":  # an L2 radius may exceed 1; an L∞ one never can
+        raise HistoshieldError(
+            f"eps {big[0]:g} is above 1 for the L∞ attack {attack!r}: eps is in pixel units "
+            f"[0, 1]; did you mean {big[0]:g}/255?"
+        )
 
 
 def select(
@@ -193,16 +202,20 @@ def evaluate_attack(
             row["components"] = atk.log
         rows.append(row)
         if save_examples is not None and eps > 0:
-            save_example_images(
-                Path(save_examples) / f"eps_{eps * 255:g}-255",
-                x,
-                adv,
-                p_clean,
-                p_adv,
-                y,
-                classes,
-                title=f"{atk.name}, eps = {eps * 255:g}/255",
-            )
+            try:
+                save_example_images(
+                    Path(save_examples) / f"eps_{eps * 255:g}-255",
+                    x,
+                    adv,
+                    p_clean,
+                    p_adv,
+                    y,
+                    classes,
+                    title=f"{atk.name}, eps = {eps * 255:g}/255",
+                )
+            except HistoshieldError as e:  # a failed PNG must not cost the numbers
+                row["examples_error"] = str(e)
+                print(f"warning: example images not saved: {e}", file=sys.stderr)
     return rows
 
 
@@ -367,9 +380,10 @@ def run_attack_experiment(
         from histoshield.runtime import write_json
 
         out = Path(out)
+        write_json(out / "results.json", result)  # numbers first: a failed figure loses none
         if multi:
             result["curve_png"] = str(plot_curves(rows, out / "robustness.png", title=attack))
-        write_json(out / "results.json", result)
+            write_json(out / "results.json", result)
     return result
 
 
@@ -409,14 +423,15 @@ def attack_checkpoint(
     skip_bad: bool = False,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`histoshield attack`: load checkpoint and data, run the harness and the self-checks, and
-    write config.yaml, env.json, results.json and robustness.png into a run folder."""
-    import yaml
-
+    write config.yaml, env.json, results.json and robustness.png into a run folder (held with
+    `runfolder.claim`: another kind of run, or a finished attack without `overwrite`, refused)."""
     from histoshield.attacks import parse_eps
-    from histoshield.evaluation.predict import load_eval_data, load_model
-    from histoshield.runtime import environment, seed_everything, write_json, write_text
+    from histoshield.evaluation.predict import load_model
+    from histoshield.runfolder import claim
+    from histoshield.runtime import pick_device, seed_everything
 
     eps_values = parse_eps(eps)
     check_attack(attack, eps_values, params, batch_size=batch_size)
@@ -426,6 +441,38 @@ def attack_checkpoint(
             f"--target {target!r} equals the true label of every --only {only!r} image: "
             "pick another target"
         )
+    if out is None:
+        out = Path("runs") / f"attack-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out)
+    dev = pick_device(device)
+    # before any image is decoded: a bad --transfer-to or an unwritable --out costs no minutes
+    other = load_model(transfer_to, dev) if transfer_to is not None else None
+    if other is not None:
+        classes = list(load_model(checkpoint, "cpu").classes)
+        if list(other.classes) != classes:
+            raise HistoshieldError(
+                f"--transfer-to {transfer_to} has classes {list(other.classes)}, {checkpoint} "
+                f"has {classes}: transfer needs the same classes"
+            )
+    with claim(out, "attack", overwrite=overwrite):
+        return _attack_run(
+            checkpoint, attack=attack, eps_values=eps_values, data=data, split=split,
+            subset=subset, params=params, only=only, target=target, transfer_to=transfer_to,
+            other=other, purify=purify, save_examples=save_examples, out=out,
+            batch_size=batch_size, limit=limit, seed=seed, skip_bad=skip_bad, device=dev,
+            progress=progress,
+        )  # fmt: skip
+
+
+def _attack_run(
+    checkpoint, *, attack, eps_values, data, split, subset, params, only, target, transfer_to,
+    other, purify, save_examples, out, batch_size, limit, seed, skip_bad, device, progress,
+) -> dict[str, Any]:  # fmt: skip
+    import yaml
+
+    from histoshield.evaluation.predict import load_eval_data
+    from histoshield.runtime import environment, write_json, write_text
+
     ev = load_eval_data(
         checkpoint,
         data=data,
@@ -439,20 +486,11 @@ def attack_checkpoint(
         progress=progress,
     )
     model, x, y, classes, dev, used = ev.model, ev.x, ev.y, ev.classes, ev.device, ev.subset
-    other = load_model(transfer_to, dev) if transfer_to is not None else None
-    if other is not None and list(other.classes) != classes:
-        raise HistoshieldError(
-            f"--transfer-to {transfer_to} has classes {list(other.classes)}, {checkpoint} has "
-            f"{classes}: transfer needs the same classes"
-        )
     if purify:
         from histoshield.defenses import purify as purify_mod
 
         model = purify_mod.wrap(model, purify)
         other = purify_mod.wrap(other, purify) if other is not None else None
-    if out is None:
-        out = Path("runs") / f"attack-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(out)
     config = {
         "checkpoint": str(checkpoint),
         "attack": attack,
