@@ -518,9 +518,27 @@ def run_cv(
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every fold into `out`, pool them, write results.json and the report."""
-    from histoshield.data.layouts import load_imageset
+    from histoshield.runfolder import claim
 
     out = Path(out).expanduser().resolve()
+    with claim(out, "cv", resume=resume):
+        return _run_cv(
+            tcfg, cv, out, resume=resume, folds_file=folds_file, progress=progress, echo=echo
+        )
+
+
+def _run_cv(
+    tcfg: TrainConfig,
+    cv: CVConfig,
+    out: Path,
+    *,
+    resume: bool,
+    folds_file: str | Path | None,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    from histoshield.data.layouts import load_imageset
+
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(tcfg) + "---\n" + dump_config(cv)
     state_path = out / STATE

@@ -103,7 +103,7 @@ def test_two_trainings_into_one_out(
     assert json.loads((out / LOCK).read_text())["pid"] != first.pid
 
 
-@pytest.mark.parametrize("command", ["attack", "certify", "study"])
+@pytest.mark.parametrize("command", ["attack", "certify", "study", "cv"])
 def test_commands_refuse_a_training_run_and_leave_it_resumable(
     command: str, run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -112,6 +112,7 @@ def test_commands_refuse_a_training_run_and_leave_it_resumable(
         "attack": ["attack", "-c", str(run_copy / "best.pt"), "--eps", "0,2/255"],
         "certify": ["certify", "-c", str(run_copy / "best.pt"), "--n0", "4", "--n", "8"],
         "study": ["study", "-c", "cpu"],
+        "cv": ["cv", "--data", "synthetic", "--folds", "2"],
     }[command]
     code, o, e = run_cli(capsys, *argv, "--out", str(run_copy))
     assert_one_error(code, o, e, str(run_copy), "holds a train run")
