@@ -64,8 +64,9 @@ def test_learns_and_writes_run_folder(tmp_path: Path) -> None:
 
     rows = _rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
-    # best.pt is the epoch with the highest val accuracy, ties broken by lower val loss.
-    best = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))
+    # best.pt: the highest val balanced accuracy among non-degenerate epochs, then lower loss.
+    best = max(rows, key=lambda r: (r["val_degenerate"] == "", float(r["val_bal_acc"]),
+                                    -float(r["val_loss"])))  # fmt: skip
     assert res["best_epoch"] == int(best["epoch"])
     acc, loss = _val_of(run, "best.pt")
     assert acc == pytest.approx(float(best["val_acc"]), abs=1e-9)
@@ -182,15 +183,19 @@ class _EveryOtherIsNoise:
         return (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
 
 
-def test_adversarial_defense_selects_on_robust_accuracy(tmp_path: Path) -> None:
+def test_adversarial_defense_selects_on_balanced_robust_accuracy(tmp_path: Path) -> None:
     cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
     d = _EveryOtherIsNoise()
     res = train(cfg, tmp_path / "adv", defense=d, progress=False)
     rows = _rows(tmp_path / "adv")
-    assert d.val_calls > 0 and all(r["val_robust_acc"] != "" for r in rows)
-    best = max(rows, key=lambda r: (float(r["val_robust_acc"]), float(r["val_acc"]),
-                                    -float(r["val_loss"])))  # fmt: skip
-    assert res["best_epoch"] == int(best["epoch"]) and res["selected_by"] == "val_robust_acc"
+    assert d.val_calls > 0 and all(r["val_bal_robust_acc"] != "" for r in rows)
+    # non-degenerate epochs first, then balanced robust, balanced clean accuracy, lower loss
+    best = max(rows, key=lambda r: (r["val_degenerate"] == "", float(r["val_bal_robust_acc"]),
+                                    float(r["val_bal_acc"]), -float(r["val_loss"])))  # fmt: skip
+    assert res["best_epoch"] == int(best["epoch"])
+    assert res["selected_by"] == "val_bal_robust_acc"
+    assert res["selection"]["epoch"] == res["best_epoch"]
+    assert res["selection"]["degenerate"] == all(r["val_degenerate"] for r in rows)
 
 
 def test_stain_norm_is_fitted_on_training_images(tmp_path: Path) -> None:
