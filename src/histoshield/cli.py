@@ -101,6 +101,7 @@ def train_cmd(
     defense: str | None = typer.Option(None, "--defense", help="e.g. gaussian:sigma=0.1."),
     stain_norm: str | None = typer.Option(None, "--stain-norm", help="none|reinhard|macenko."),
     early_stopping: int | None = typer.Option(None, "--early-stopping", help="Patience."),
+    balance: str | None = typer.Option(None, "--balance", help="none | loss | sampler."),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
     magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
@@ -123,7 +124,7 @@ def train_cmd(
         batch_size=batch_size, lr=lr, optimizer=optimizer, scheduler=scheduler,
         image_size=image_size, seed=seed, defense=defense, stain_norm=stain_norm,
         early_stopping=early_stopping, skip_bad=skip_bad, magnification=magnification or None,
-        device=device,
+        device=device, balance=balance,
     )  # fmt: skip
     if folder is None:
         folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -209,3 +209,31 @@ def test_stain_norm_is_fitted_on_training_images(tmp_path: Path) -> None:
     ref.fit_stain(to_float(load_arrays(recs, 32, progress=False)))
     torch.testing.assert_close(m.stain.ref_mean, ref.stain.ref_mean, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(m.stain.ref_std, ref.stain.ref_std, atol=1e-4, rtol=1e-4)
+
+
+def test_constant_model_is_flagged_as_collapsed(tmp_path: Path, monkeypatch, capsys) -> None:
+    real = loop._build_model
+
+    def constant(cfg, classes):  # a model that says "class 1" for every image
+        m = real(cfg, classes)
+        fwd = m.forward
+        m.forward = lambda x: fwd(x) * 0 + torch.tensor([0.0, 5.0], device=x.device)
+        return m
+
+    monkeypatch.setattr(loop, "_build_model", constant)
+    cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
+    res = train(cfg, tmp_path / "const", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: epoch") == 2 and "collapse" in err
+    assert "every epoch's validation predictions were degenerate" in err
+    rows = _rows(tmp_path / "const")
+    assert all("100%" in r["val_degenerate"] for r in rows)
+    assert all(float(r["val_bal_acc"]) == 0.5 for r in rows)
+    assert res["selection"]["degenerate"] is True and "100%" in res["selection"]["reason"]
+    assert res["collapse"]["degenerate_epochs"] == [1, 2]
+
+
+def test_balance_loss_needs_a_defense_that_can_weight(tmp_path: Path) -> None:
+    cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=1, balance="loss")
+    with pytest.raises(HistoshieldError, match="cannot weight its loss by class"):
+        train(cfg, tmp_path / "w", defense=_EveryOtherIsNoise(), progress=False)
