@@ -392,7 +392,7 @@ def _train(cfg, out, resume, defense, progress, ctx) -> dict[str, Any]:
     from histoshield import models
 
     t_start = time.time()
-    last_pt, best_pt = out / "last.pt", out / "best.pt"
+    last_pt = out / "last.pt"
     device = ctx.device
     seed_everything(cfg.seed)
     # Rank 0 fills the decode cache first; the others then read it instead of racing to write.
@@ -485,59 +485,15 @@ def _train(cfg, out, resume, defense, progress, ctx) -> dict[str, Any]:
             sched.step()
         seconds = time.time() - t0
         state.train_seconds += seconds
-        row = {
-            "epoch": epoch,
-            "train_loss": tr["loss"],
-            "train_acc": tr["acc"],
-            "val_loss": va["loss"],
-            "val_acc": va["acc"],
-            "val_bal_acc": va["bal_acc"],
-            "val_robust_acc": va.get("robust_acc"),
-            "val_bal_robust_acc": va.get("bal_robust_acc"),
-            "val_degenerate": va["degenerate"],
-            "train_eps": getattr(defense, "train_eps", None) if adversarial else None,
-            "lr": lr,
-            "seconds": round(seconds, 3),
-        }
+        row = _epoch_row(epoch, tr, va, defense if adversarial else None, lr, seconds)
         state.history.append(row)
         sel = select(state.history, adversarial)
-        improved = sel.epoch == epoch
         state.stopped = _stop_reason(state, sel, cfg, robust_watch)
-        msg = (
-            f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
-            f"val loss {va['loss']:.4f} acc {va['acc']:.3f} balanced {va['bal_acc']:.3f}"
-        )
-        if adversarial:
-            msg += f" robust {va['robust_acc']:.3f} (balanced {va['bal_robust_acc']:.3f})"
-        _say(msg + ("  *" if improved else ""), progress, ctx)
+        _say(_epoch_message(row, cfg.epochs) + ("  *" if sel.epoch == epoch else ""), progress, ctx)
         if ctx.is_main and va["degenerate"]:  # shown even with --quiet: the run is failing
             print(f"warning: epoch {epoch}: collapse: {va['degenerate']}", file=sys.stderr)
         if ctx.is_main:
-            meta = {"classes": classes, "epoch": epoch, **row}
-            if improved:
-                models.save_checkpoint(
-                    best_pt, model, config=cfg.model_dump(mode="json"), metrics=meta
-                )
-            state_out = {
-                "epoch": epoch,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "scaler": stepper.scaler.state_dict() if stepper.scaler.is_enabled() else None,
-                "rng": _rng_state(),
-                "history": state.history,
-                "best_epoch": sel.epoch,
-                "stopped": state.stopped,
-                "train_seconds": state.train_seconds,
-            }
-            models.save_checkpoint(
-                last_pt,
-                model,
-                config=cfg.model_dump(mode="json"),
-                metrics=meta,
-                extra={"train_state": state_out},
-            )
-            write_text(out / "metrics.csv", _metrics_csv(state.history))
-            _plot(state.history, out, cfg)
+            _save_epoch(out, cfg, classes, stepper, sched, state, sel)
         ctx.barrier()
         if state.stopped:
             _say(state.stopped, progress, ctx)
@@ -564,6 +520,73 @@ def _train(cfg, out, resume, defense, progress, ctx) -> dict[str, Any]:
         )
     ctx.barrier()
     return results
+
+
+def _epoch_row(
+    epoch: int, tr: dict[str, float], va: dict[str, Any], defense: Any, lr: float, seconds: float
+) -> dict[str, Any]:
+    """One metrics.csv / history row (`defense` only when adversarial)."""
+    return {
+        "epoch": epoch,
+        "train_loss": tr["loss"],
+        "train_acc": tr["acc"],
+        "val_loss": va["loss"],
+        "val_acc": va["acc"],
+        "val_bal_acc": va["bal_acc"],
+        "val_robust_acc": va.get("robust_acc"),
+        "val_bal_robust_acc": va.get("bal_robust_acc"),
+        "val_degenerate": va["degenerate"],
+        "train_eps": getattr(defense, "train_eps", None),
+        "lr": lr,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _epoch_message(row: dict[str, Any], epochs: int) -> str:
+    """The progress line of one epoch."""
+    msg = (
+        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc "
+        f"{row['train_acc']:.3f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} "
+        f"balanced {row['val_bal_acc']:.3f}"
+    )
+    if row["val_bal_robust_acc"] is not None:
+        msg += f" robust {row['val_robust_acc']:.3f} (balanced {row['val_bal_robust_acc']:.3f})"
+    return msg
+
+
+def _save_epoch(
+    out: Path,
+    cfg: TrainConfig,
+    classes: list[str],
+    stepper: Stepper,
+    sched: Any,
+    state: RunState,
+    sel: Selection,
+) -> None:
+    """best.pt (when this epoch won), last.pt with everything --resume needs, metrics, plot."""
+    from histoshield import models
+
+    row = state.history[-1]
+    model, config = stepper.raw, cfg.model_dump(mode="json")
+    meta = {"classes": classes, **row}
+    if sel.epoch == row["epoch"]:
+        models.save_checkpoint(out / "best.pt", model, config=config, metrics=meta)
+    state_out = {
+        "epoch": row["epoch"],
+        "optimizer": stepper.opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "scaler": stepper.scaler.state_dict() if stepper.scaler.is_enabled() else None,
+        "rng": _rng_state(),
+        "history": state.history,
+        "best_epoch": sel.epoch,
+        "stopped": state.stopped,
+        "train_seconds": state.train_seconds,
+    }
+    models.save_checkpoint(
+        out / "last.pt", model, config=config, metrics=meta, extra={"train_state": state_out}
+    )
+    write_text(out / "metrics.csv", _metrics_csv(state.history))
+    _plot(state.history, out, cfg)
 
 
 def _plot(history: list[dict[str, Any]], out: Path, cfg: TrainConfig) -> None:
