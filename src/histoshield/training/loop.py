@@ -371,8 +371,8 @@ def _stop_reason(
     h = state.history
     epoch = int(h[-1]["epoch"])
     if robust_watch:
-        r = h[-1].get("val_bal_robust_acc")
-        best = max(float(row["val_bal_robust_acc"]) for row in h)
+        seen = [float(v) for row in h if (v := row.get("val_bal_robust_acc")) is not None]
+        r, best = h[-1].get("val_bal_robust_acc"), max(seen, default=0.0)
         if r is not None and best - float(r) > ROBUST_COLLAPSE_DROP:
             return (
                 f"balanced robust accuracy collapsed at epoch {epoch} ({float(r):.3f} vs best "
