@@ -54,6 +54,11 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["none", "cosine", "step"] = "none"
     early_stopping: int | None = Field(None, ge=1)
+    # Class balancing (training/balance.py): none | loss (weighted CE) | sampler (weighted draw).
+    balance: Literal["none", "loss", "sampler"] = "sampler"
+    # Stop after this many consecutive degenerate (near-constant) validation epochs that
+    # follow a non-degenerate one (None = warn and keep training).
+    collapse_patience: int | None = Field(None, ge=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     defense: str | None = None
     tta: bool = False  # average the logits over the 8 flips/rotations at evaluation (in-model)

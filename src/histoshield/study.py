@@ -610,6 +610,7 @@ def _stage_train(ctx: Context, name: str, defense_spec: str | None) -> dict[str,
         "train": {
             k: res.get(k)
             for k in ("epochs_run", "best_epoch", "selected_by", "stopped", "train_seconds")
+            + ("selection", "collapse")
         },
         "val": res.get("val"),
     }

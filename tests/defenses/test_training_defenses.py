@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from histoshield import attacks, defenses
+from histoshield.defenses.base import warmup_scale
 from histoshield.errors import HistoshieldError
 from tests.defenses.toy import EPS, accuracy, toy_data, toy_model, train
 
@@ -169,3 +170,77 @@ def test_pgd_at_beats_the_undefended_model_under_pgd():
         robust[spec] = accuracy(model, x_adv, y_test)
     assert robust[None] < 0.5  # the standard model leans on the fragile features
     assert robust[f"pgd-at:eps={EPS},steps=5"] > robust[None] + 0.3
+
+
+@pytest.mark.parametrize(
+    ("warmup", "epochs", "scales"),
+    [
+        (2, 6, [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),  # default: a clean epoch, eps/2, then eps
+        (3, 8, [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        (2, 3, [0.0, 1.0, 1.0]),  # capped at epochs // 2: most of a short run at full eps
+        (2, 1, [1.0]),
+        (0, 4, [1.0, 1.0, 1.0, 1.0]),  # warmup=0: off
+    ],
+)
+def test_eps_warmup_schedule(warmup, epochs, scales):
+    assert [warmup_scale(e, epochs, warmup) for e in range(1, epochs + 1)] == pytest.approx(scales)
+    d = defenses.create(f"pgd-at:eps=4/255,steps=4,warmup={warmup}")
+    got = []
+    for e in range(1, epochs + 1):
+        d.set_epoch(e, epochs)
+        got.append(d.train_eps)
+    assert got == pytest.approx([4 / 255 * s for s in scales])
+
+
+@pytest.mark.parametrize("spec", ["pgd-at:steps=2", "trades:steps=2", "fgsm-rs"])
+def test_warmup_trains_inside_the_current_ball_and_validates_at_full_eps(spec):
+    d = defenses.create(spec)
+    assert d.params["warmup"] == 2 and "warmup" not in d.spec  # default left out of the spec
+    seen: list[torch.Tensor] = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.lin(x.flatten(1))
+
+    x, y = toy_data(16, 0)
+    model = Spy()
+    for epoch, bound in ((1, 0.0), (2, 1 / 255), (3, 2 / 255)):
+        d.set_epoch(epoch, 6)
+        seen.clear()
+        d.loss(model, x, y)
+        worst = max((s - x).abs().max().item() for s in seen)
+        assert worst <= bound + 1e-6, (epoch, worst)
+        if bound:
+            assert worst > 0.5 * bound  # it does attack at this epoch's eps
+    seen.clear()
+    d.set_epoch(1, 6)  # validation ignores the warm-up: always the full eps
+    x_val = d.perturb_val(model, x, y)
+    assert (x_val - x).abs().max().item() > 1 / 255
+
+
+def test_class_weighted_loss_matches_weighted_cross_entropy():
+    torch.manual_seed(0)
+    model = toy_model()
+    x, y = toy_data(12, 3)
+    y = torch.tensor([0, 0, 0] + [1] * 9)
+    w = torch.tensor([2.0, 2 / 3])
+    for spec in ("gaussian:sigma=0.1,seed=1", "pgd-at:eps=2/255,steps=1,seed=1"):
+        weighted = defenses.create(spec)  # same seed: the same noise / attack start as plain
+        weighted.set_class_weights(w)
+        loss_w, logits = weighted.loss(model, x, y)
+        loss_plain, logits_plain = defenses.create(spec).loss(model, x, y)
+        torch.testing.assert_close(logits, logits_plain)
+        ref = nn.functional.cross_entropy(logits_plain, y, weight=w)
+        assert loss_w.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert loss_plain.item() != pytest.approx(loss_w.item(), rel=1e-3)
+    trades = defenses.create("trades:eps=2/255,steps=1,beta=0,seed=1")
+    trades.set_class_weights(w)
+    loss, logits = trades.loss(model, x, y)  # beta=0: exactly the weighted clean CE
+    assert loss.item() == pytest.approx(
+        nn.functional.cross_entropy(logits, y, weight=w).item(), rel=1e-5
+    )

@@ -113,3 +113,25 @@ def test_only_unknown_class(run_dir: Path, capsys) -> None:
         capsys, *["evaluate", "-c", str(run_dir / "best.pt"), "--only", "tumour"]
     )
     assert code == 2 and "tumour" in err and err.count("\n") == 1
+
+
+def test_train_pgd_at_records_selection_and_warmup(tmp_path: Path, capsys) -> None:
+    from histoshield.defenses.base import warmup_scale
+
+    run = tmp_path / "pgd"
+    code, out, err = run_cli(
+        capsys, "train", "--data", "synthetic:n=48,size=32", "--image-size", "32",
+        "--epochs", "4", "--batch-size", "16", "--defense", "pgd-at:steps=1",
+        "--balance", "loss", "--out", str(run), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads((run / "results.json").read_text())
+    assert res["selected_by"] == "val_bal_robust_acc" and res["config"]["balance"] == "loss"
+    sel = res["selection"]
+    assert sel["epoch"] == res["best_epoch"] and sel["metric"] == "val_bal_robust_acc"
+    assert set(sel) == {"epoch", "metric", "value", "degenerate", "reason"}
+    assert isinstance(res["collapse"]["degenerate_epochs"], list)
+    eps = [row["train_eps"] for row in res["history"]]
+    assert eps == pytest.approx([2 / 255 * warmup_scale(e, 4, 2) for e in (1, 2, 3, 4)])
+    assert eps[0] == 0 and eps[-1] == pytest.approx(2 / 255)
+    assert all(row["val_bal_robust_acc"] is not None for row in res["history"])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from histoshield import models
 from histoshield.data import labels_of, load_arrays, read_split, to_float
+from histoshield.evaluation.metrics import balanced_rate, degenerate_reason
 
 
 def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
@@ -50,4 +51,8 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
         logits = m(x)
     assert float(rows[0]["val_acc"]) == pytest.approx((logits.argmax(1) == y).sum().item() / len(y))
     assert float(rows[0]["val_loss"]) == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
+    # Balanced accuracy and the degenerate check need every prediction, gathered over ranks.
+    pred = logits.argmax(1)
+    assert float(rows[0]["val_bal_acc"]) == pytest.approx(balanced_rate(pred == y, y))
+    assert rows[0]["val_degenerate"] == (degenerate_reason(y, pred, m.classes) or "")
     assert res["n"]["val"] == len(recs)

@@ -64,8 +64,9 @@ def test_learns_and_writes_run_folder(tmp_path: Path) -> None:
 
     rows = _rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
-    # best.pt is the epoch with the highest val accuracy, ties broken by lower val loss.
-    best = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))
+    # best.pt: the highest val balanced accuracy among non-degenerate epochs, then lower loss.
+    best = max(rows, key=lambda r: (r["val_degenerate"] == "", float(r["val_bal_acc"]),
+                                    -float(r["val_loss"])))  # fmt: skip
     assert res["best_epoch"] == int(best["epoch"])
     acc, loss = _val_of(run, "best.pt")
     assert acc == pytest.approx(float(best["val_acc"]), abs=1e-9)
@@ -182,15 +183,19 @@ class _EveryOtherIsNoise:
         return (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
 
 
-def test_adversarial_defense_selects_on_robust_accuracy(tmp_path: Path) -> None:
+def test_adversarial_defense_selects_on_balanced_robust_accuracy(tmp_path: Path) -> None:
     cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
     d = _EveryOtherIsNoise()
     res = train(cfg, tmp_path / "adv", defense=d, progress=False)
     rows = _rows(tmp_path / "adv")
-    assert d.val_calls > 0 and all(r["val_robust_acc"] != "" for r in rows)
-    best = max(rows, key=lambda r: (float(r["val_robust_acc"]), float(r["val_acc"]),
-                                    -float(r["val_loss"])))  # fmt: skip
-    assert res["best_epoch"] == int(best["epoch"]) and res["selected_by"] == "val_robust_acc"
+    assert d.val_calls > 0 and all(r["val_bal_robust_acc"] != "" for r in rows)
+    # non-degenerate epochs first, then balanced robust, balanced clean accuracy, lower loss
+    best = max(rows, key=lambda r: (r["val_degenerate"] == "", float(r["val_bal_robust_acc"]),
+                                    float(r["val_bal_acc"]), -float(r["val_loss"])))  # fmt: skip
+    assert res["best_epoch"] == int(best["epoch"])
+    assert res["selected_by"] == "val_bal_robust_acc"
+    assert res["selection"]["epoch"] == res["best_epoch"]
+    assert res["selection"]["degenerate"] == all(r["val_degenerate"] for r in rows)
 
 
 def test_stain_norm_is_fitted_on_training_images(tmp_path: Path) -> None:
@@ -204,3 +209,31 @@ def test_stain_norm_is_fitted_on_training_images(tmp_path: Path) -> None:
     ref.fit_stain(to_float(load_arrays(recs, 32, progress=False)))
     torch.testing.assert_close(m.stain.ref_mean, ref.stain.ref_mean, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(m.stain.ref_std, ref.stain.ref_std, atol=1e-4, rtol=1e-4)
+
+
+def test_constant_model_is_flagged_as_collapsed(tmp_path: Path, monkeypatch, capsys) -> None:
+    real = loop._build_model
+
+    def constant(cfg, classes):  # a model that says "class 1" for every image
+        m = real(cfg, classes)
+        fwd = m.forward
+        m.forward = lambda x: fwd(x) * 0 + torch.tensor([0.0, 5.0], device=x.device)
+        return m
+
+    monkeypatch.setattr(loop, "_build_model", constant)
+    cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
+    res = train(cfg, tmp_path / "const", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: epoch") == 2 and "collapse" in err
+    assert "every epoch's validation predictions were degenerate" in err
+    rows = _rows(tmp_path / "const")
+    assert all("100%" in r["val_degenerate"] for r in rows)
+    assert all(float(r["val_bal_acc"]) == 0.5 for r in rows)
+    assert res["selection"]["degenerate"] is True and "100%" in res["selection"]["reason"]
+    assert res["collapse"]["degenerate_epochs"] == [1, 2]
+
+
+def test_balance_loss_needs_a_defense_that_can_weight(tmp_path: Path) -> None:
+    cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=1, balance="loss")
+    with pytest.raises(HistoshieldError, match="cannot weight its loss by class"):
+        train(cfg, tmp_path / "w", defense=_EveryOtherIsNoise(), progress=False)

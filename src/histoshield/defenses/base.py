@@ -2,7 +2,15 @@
 
 A training defense is duck-typed by the training loop: `name`, `spec`, `params`,
 `adversarial`, `stop_on_robust_collapse`, `loss(model, x, y) -> (loss, logits)` and
-`perturb_val(model, x, y) -> x_adv`.
+`perturb_val(model, x, y) -> x_adv`, plus two optional hooks the loop calls when present:
+`set_epoch(epoch, epochs)` before each epoch (the eps warm-up below) and
+`set_class_weights(w)` once (`TrainConfig.balance=loss`: class-weighted cross-entropy).
+
+Eps warm-up (`warmup=W` epochs, default 2): adversarial training from a pretrained backbone
+at full eps on a 3:1 class imbalance collapsed to one class. So the training eps ramps
+linearly, ε_e = ε · min(1, (e − 1) / W') for epoch e = 1, 2, ..., with W' = min(W, epochs // 2)
+so at least half of any run trains at full ε: with W = 2 the first epoch is clean, the second
+uses ε/2, the rest ε. The step size scales with ε. Validation always attacks at full ε.
 
 Randomness: with `seed=None` (the default) every random draw comes from torch's global RNG,
 which the training loop seeds with the run's seed, so a run is reproducible from that seed
@@ -14,6 +22,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from histoshield.defenses.spec import Param, canonical
@@ -35,6 +44,15 @@ def eps_rule(v: float) -> bool:
 EPS = Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True)
 ALPHA = Param(float, None, positive, "> 0", fraction=True)  # None: derived from eps
 SEED = Param(int)
+WARMUP = Param(int, 2, lambda v: v >= 0, ">= 0", quiet_default=True)
+
+
+def warmup_scale(epoch: int, epochs: int, warmup: int) -> float:
+    """The fraction of the full eps that epoch `epoch` (1-based) of `epochs` trains at."""
+    w = min(int(warmup), int(epochs) // 2)
+    if w <= 0:
+        return 1.0
+    return min(1.0, max(0, epoch - 1) / w)
 
 
 def pgd_alpha(eps: float, steps: int) -> float:
@@ -55,6 +73,8 @@ class TrainingDefense:
         self.params = dict(params)
         seed = self.params.get("seed")
         self._gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+        self.eps_scale = 1.0  # set per epoch by set_epoch (eps warm-up); 1 when used alone
+        self.class_weight: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"<defense {self.spec}>"
@@ -72,34 +92,82 @@ class TrainingDefense:
         """A fresh seed for one attack call, drawn so the sequence follows the run's seed."""
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen).item())
 
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Training-loop hook before each epoch: apply the eps warm-up (if the schema has one)."""
+        if "warmup" in self.params:
+            self.eps_scale = warmup_scale(epoch, epochs, self.params["warmup"])
+
+    def set_class_weights(self, weight: torch.Tensor | None) -> None:
+        """Training-loop hook: per-class weights of the training cross-entropy (None = equal)."""
+        self.class_weight = None if weight is None else weight.detach().float()
+
+    @property
+    def train_eps(self) -> float | None:
+        """The eps this epoch trains at (full eps times the warm-up scale); None without eps."""
+        if "eps" not in self.params:
+            return None
+        return float(self.params["eps"]) * self.eps_scale
+
+    def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Training cross-entropy (in float), class-weighted when the loop asked for it."""
+        w = None if self.class_weight is None else self.class_weight.to(logits.device)
+        return F.cross_entropy(logits.float(), y, weight=w)
+
+    def _weighted_mean(self, per_sample: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-sample loss with the class weights, normalised as weighted CE is."""
+        if self.class_weight is None:
+            return per_sample.mean()
+        w = self.class_weight.to(per_sample.device)[y]
+        return (w * per_sample).sum() / w.sum().clamp_min(1e-12)
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """(scalar training loss, logits) for one batch; model is in train mode."""
         raise NotImplementedError
 
     def perturb_val(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Validation inputs: clean for non-adversarial defenses, PGD-10 at eps otherwise."""
+        """Validation inputs: clean for non-adversarial defenses, PGD-10 at full eps otherwise."""
         if not self.adversarial:
             return x
         eps = float(self.params["eps"])
-        return self._pgd(model, x, y, steps=VAL_STEPS, alpha=pgd_alpha(eps, VAL_STEPS))
+        return self._pgd(model, x, y, eps=eps, steps=VAL_STEPS, alpha=pgd_alpha(eps, VAL_STEPS))
 
     def _pgd(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, alpha: float
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        eps: float,
+        steps: int,
+        alpha: float,
     ) -> torch.Tensor:
         """Craft L∞ PGD with a uniform random start (the attack base handles eval mode)."""
         from histoshield import attacks
 
+        if eps <= 0:  # a warm-up epoch at eps 0 trains on clean images
+            return x.detach()
         return attacks.run(
             "pgd",
             model,
             x,
             y,
-            eps=float(self.params["eps"]),
+            eps=eps,
             alpha=alpha,
             steps=steps,
             random_start=True,
             seed=self._attack_seed(),
         ).detach()
+
+    def _train_pgd(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int):
+        """PGD examples at this epoch's training eps; the step size scales with the warm-up."""
+        return self._pgd(
+            model,
+            x,
+            y,
+            eps=float(self.train_eps),
+            steps=steps,
+            alpha=float(self.params["alpha"]) * self.eps_scale,
+        )
 
 
 class MultiStepDefense(TrainingDefense):

@@ -4,16 +4,16 @@ better than free: revisiting adversarial training").
 δ ~ U(-ε, ε); δ ← clip_ε(δ + α·sign(∇δ CE(f(x + δ), y))) with α = 1.25·ε; train on x + δ.
 Single-step training can collapse ("catastrophic overfitting": FGSM accuracy soars while PGD
 accuracy drops to ~0), so `stop_on_robust_collapse` asks the training loop to watch PGD
-robust accuracy on the validation set (`perturb_val`) and stop when it collapses.
+robust accuracy on the validation set (`perturb_val`) and stop when it collapses. ε ramps up
+over the first `warmup` epochs (see `defenses.base`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from histoshield.defenses.base import ALPHA, EPS, SEED, TrainingDefense
+from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, TrainingDefense
 
 
 class FGSMRandomStart(TrainingDefense):
@@ -24,6 +24,7 @@ class FGSMRandomStart(TrainingDefense):
         "eps": EPS,
         "alpha": ALPHA,
         "seed": SEED,
+        "warmup": WARMUP,
     }
     adversarial = True
     stop_on_robust_collapse = True
@@ -36,6 +37,6 @@ class FGSMRandomStart(TrainingDefense):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """Cross-entropy on one random-start FGSM step; logits are those of the examples."""
         # one PGD step from a uniform random start is exactly FGSM-RS
-        x_adv = self._pgd(model, x, y, steps=1, alpha=self.params["alpha"])
+        x_adv = self._train_pgd(model, x, y, steps=1)
         logits = model(x_adv)
-        return F.cross_entropy(logits.float(), y), logits
+        return self._ce(logits, y), logits

@@ -11,7 +11,6 @@ Examples:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from histoshield.defenses.base import TrainingDefense, positive
@@ -43,4 +42,4 @@ class GaussianNoise(TrainingDefense):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """Cross-entropy on the noisy batch; logits are those of the noisy batch."""
         logits = model(self.noisy(x))
-        return F.cross_entropy(logits.float(), y), logits
+        return self._ce(logits, y), logits

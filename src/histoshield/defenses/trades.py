@@ -5,6 +5,8 @@ loss = CE(f(x), y) + β · KL(p(x) ‖ p(x_adv)), x_adv = argmax_{‖x'−x‖�
 found by `steps` signed-gradient steps of size α (2.5·ε/steps unless given) from
 x + 0.001·N(0, I), as in the authors' code. The inner maximisation has its own objective (KL to
 the clean prediction, no labels), so it is written here rather than taken from `attacks`.
+ε ramps up over the first `warmup` epochs (see `defenses.base`); at ε = 0 the loss is the
+clean cross-entropy.
 
 BatchNorm: x_adv is crafted with the model in eval mode (restored afterwards); both forward
 passes of the loss run in train mode. The returned logits are those of the clean batch.
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoshield.defenses.base import ALPHA, EPS, SEED, MultiStepDefense, positive
+from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, MultiStepDefense, positive
 from histoshield.defenses.spec import Param
 
 
@@ -30,11 +32,12 @@ class TRADES(MultiStepDefense):
         "steps": Param(int, 10, positive, ">= 1"),
         "alpha": ALPHA,
         "seed": SEED,
+        "warmup": WARMUP,
     }
 
     def craft(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The KL-maximising x_adv inside the ε ball (model evaluated in eval mode)."""
-        eps, alpha = float(self.params["eps"]), float(self.params["alpha"])
+        """The KL-maximising x_adv inside this epoch's ε ball (model evaluated in eval mode)."""
+        eps, alpha = float(self.train_eps), float(self.params["alpha"]) * self.eps_scale
         was_training = model.training
         model.eval()
         try:
@@ -54,12 +57,14 @@ class TRADES(MultiStepDefense):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """CE on clean plus β·KL(clean ‖ adversarial); logits are those of the clean batch."""
+        if self.train_eps <= 0:  # warm-up epoch at eps 0: x_adv = x, the KL term vanishes
+            logits = model(x)
+            return self._ce(logits, y), logits
         x_adv = self.craft(model, x)
         logits = model(x)
         logits_adv = model(x_adv)
         # float: the KL of two bf16/fp16 distributions under autocast is too coarse
         logits_f, adv_f = logits.float(), logits_adv.float()
-        robust = F.kl_div(
-            F.log_softmax(adv_f, dim=1), F.softmax(logits_f, dim=1), reduction="batchmean"
-        )
-        return F.cross_entropy(logits_f, y) + float(self.params["beta"]) * robust, logits
+        kl = F.kl_div(F.log_softmax(adv_f, dim=1), F.softmax(logits_f, dim=1), reduction="none")
+        robust = self._weighted_mean(kl.sum(1), y)  # batchmean, class-weighted if asked
+        return self._ce(logits_f, y) + float(self.params["beta"]) * robust, logits

@@ -9,11 +9,18 @@ re-derived from (seed, epoch), and `last.pt` also stores the RNG states, optimiz
 and grad-scaler state. So on CPU a run interrupted after any epoch and resumed ends with
 exactly the weights of an uninterrupted run.
 
-Selection: highest validation accuracy, ties broken by lower validation loss. With an
-adversarial defense: highest validation robust accuracy (PGD from `defense.perturb_val`), then
-clean accuracy, then loss. With `defense.stop_on_robust_collapse` (FGSM-RS catastrophic
-overfitting) training stops once robust accuracy falls more than ROBUST_COLLAPSE_DROP below its
-best; the best checkpoint is kept.
+Selection (`training.selection`): highest validation balanced accuracy; with an adversarial
+defense highest validation balanced robust accuracy (PGD from `defense.perturb_val`), ties
+broken by clean balanced accuracy; an epoch whose validation predictions are degenerate
+(near-constant or near-chance) never wins while another is not. A degenerate epoch also prints a
+one-line collapse warning and is marked in metrics.csv (`val_degenerate`) and results.json
+(`collapse`); `cfg.collapse_patience` stops the run after that many in a row. With
+`defense.stop_on_robust_collapse` (FGSM-RS catastrophic overfitting) training stops once
+balanced robust accuracy falls more than ROBUST_COLLAPSE_DROP below its best; the best
+checkpoint is kept.
+
+Defense hooks (duck-typed, optional): `defense.set_epoch(epoch, epochs)` before every epoch
+(eps warm-up) and `defense.set_class_weights(w)` once when `cfg.balance == "loss"`.
 
 Distributed: under torchrun every rank holds the data, takes a DistributedSampler-style shard
 of the same (seed, epoch) permutation, and metrics are summed over ranks; only rank 0 writes.
@@ -31,6 +38,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +52,10 @@ from histoshield.data.transforms import Augment
 from histoshield.errors import HistoshieldError
 from histoshield.runtime import environment, seed_everything, write_json, write_text
 from histoshield.training import distributed as D
+from histoshield.training.balance import class_weights, epoch_order
+from histoshield.training.selection import Selection, select
 
-ROBUST_COLLAPSE_DROP = 0.2  # absolute drop in val robust accuracy that counts as collapse
+ROBUST_COLLAPSE_DROP = 0.2  # absolute drop in val balanced robust accuracy that counts as collapse
 STAIN_FIT_MAX = 512  # training images used to fit the stain-normalisation reference
 CSV_FIELDS = [
     "epoch",
@@ -53,7 +63,11 @@ CSV_FIELDS = [
     "train_acc",
     "val_loss",
     "val_acc",
+    "val_bal_acc",
     "val_robust_acc",
+    "val_bal_robust_acc",
+    "val_degenerate",
+    "train_eps",
     "lr",
     "seconds",
 ]
@@ -143,6 +157,7 @@ class Data:
         from histoshield.data import labels_of, load_arrays
 
         self.records = records
+        self.classes = classes
         self.patients = [r.patient for r in records]
         if records:
             arr = load_arrays(
@@ -213,8 +228,10 @@ class Stepper:
         amp: bool = True,
         defense: Any = None,
         ctx: D.DistContext | None = None,
+        class_weight: torch.Tensor | None = None,
     ) -> None:
         self.raw = model
+        self.class_weight = None if class_weight is None else class_weight.to(device)
         self.opt = opt
         self.device = device
         self.defense = defense
@@ -255,7 +272,7 @@ class Stepper:
                 loss, logits = self.defense.loss(self.model, x, y)
             else:
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, weight=self.class_weight)
         self.scaler.scale(loss).backward()
         if self.manual_sync:
             D.sync_gradients(self.raw, self.ctx)
@@ -321,12 +338,10 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data`, writing the run folder `out`; returns results.json."""
-    from histoshield import models
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HistoshieldError(f"{out} is a file, not a run folder; choose another --out")
-    last_pt, best_pt = out / "last.pt", out / "best.pt"
+    last_pt = out / "last.pt"
     if resume and not last_pt.is_file():
         raise HistoshieldError(f"cannot resume: {last_pt} does not exist (train without --resume)")
     if not resume and last_pt.is_file():
@@ -338,13 +353,72 @@ def train(
     with claim(out, "train", resume=resume):
         ctx = D.setup(cfg.device)
         try:
-            return _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt)
+            return _train(cfg, out, resume, defense, progress, ctx)
         finally:
             ctx.close()
 
 
-def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -> dict[str, Any]:
+@dataclass
+class RunState:
+    """What the epochs so far leave behind; last.pt stores it so --resume continues exactly.
+
+    The best epoch, early-stopping patience and the collapse watches are all re-derived from
+    `history` (`training.selection.select`), so they need no state of their own.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+    train_seconds: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> RunState:
+        """The state saved in last.pt's `train_state`."""
+        return cls(
+            history=list(state["history"]),
+            stopped=state.get("stopped"),
+            train_seconds=float(state.get("train_seconds", 0.0)),
+        )
+
+
+def _degenerate_run(history: list[dict[str, Any]]) -> int:
+    """Number of trailing degenerate epochs if a non-degenerate epoch precedes them, else 0."""
+    n = 0
+    for row in reversed(history):
+        if not row.get("val_degenerate"):
+            return n
+        n += 1
+    return 0  # degenerate from the start: nothing collapsed, it never trained
+
+
+def _stop_reason(
+    state: RunState, sel: Selection, cfg: TrainConfig, robust_watch: bool
+) -> str | None:
+    """Why training stops after the latest epoch (robust collapse, class collapse, patience)."""
+    h = state.history
+    epoch = int(h[-1]["epoch"])
+    if robust_watch:
+        seen = [float(v) for row in h if (v := row.get("val_bal_robust_acc")) is not None]
+        r, best = h[-1].get("val_bal_robust_acc"), max(seen, default=0.0)
+        if r is not None and best - float(r) > ROBUST_COLLAPSE_DROP:
+            return (
+                f"balanced robust accuracy collapsed at epoch {epoch} ({float(r):.3f} vs best "
+                f"{best:.3f}): catastrophic overfitting"
+            )
+    if cfg.collapse_patience and _degenerate_run(h) >= cfg.collapse_patience:
+        return (
+            f"collapse: validation predictions degenerate for {cfg.collapse_patience} epochs in "
+            f"a row after a non-degenerate one (collapse_patience={cfg.collapse_patience})"
+        )
+    if cfg.early_stopping and epoch - sel.epoch >= cfg.early_stopping:
+        return f"early stopping: no improvement for {epoch - sel.epoch} epochs"
+    return None
+
+
+def _train(cfg, out, resume, defense, progress, ctx) -> dict[str, Any]:
+    from histoshield import models
+
     t_start = time.time()
+    last_pt = out / "last.pt"
     device = ctx.device
     seed_everything(cfg.seed)
     # Rank 0 fills the decode cache first; the others then read it instead of racing to write.
@@ -367,6 +441,14 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
             f"the split has {len(train_d)} training and {len(val_d)} validation images; both "
             "must be non-empty (use more data or a larger --val)"
         )
+    weight = class_weights(train_d.y, len(classes)) if cfg.balance == "loss" else None
+    if weight is not None and defense is not None:
+        if not hasattr(defense, "set_class_weights"):
+            raise HistoshieldError(
+                f"defense {getattr(defense, 'spec', defense)} cannot weight its loss by class; "
+                "use balance: sampler (or none)"
+            )
+        defense.set_class_weights(weight)
     if ctx.is_main:
         # Skipped files, an empty test split...: shown even with --quiet, once the run starts.
         for problem in iset.problems:
@@ -394,38 +476,32 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
     opt = make_optimizer(cfg, param_groups(model, cfg.backbone_lr_scale))
     sched = make_scheduler(cfg, opt)
 
-    history: list[dict[str, Any]] = []
-    best_key: tuple | None = None
-    best_robust: float | None = None
-    bad_epochs, start_epoch, stopped, train_seconds, best_epoch = 0, 1, None, 0.0, 0
+    state, saved = RunState(), None
     if resume:
-        state = _train_state(models.read_checkpoint(last_pt))
+        saved = _train_state(models.read_checkpoint(last_pt))
         model.load_state_dict(models.load_checkpoint(last_pt).state_dict())
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
-        history = list(state["history"])
-        best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
-        best_robust = state.get("best_robust")
-        bad_epochs = int(state["bad_epochs"])
-        stopped = state.get("stopped")
-        train_seconds = float(state.get("train_seconds", 0.0))
-        best_epoch = int(state.get("best_epoch", 0))
-        start_epoch = int(state["epoch"]) + 1
-    stepper = Stepper(model, opt, device, amp=cfg.amp, defense=defense, ctx=ctx)
-    if resume:
-        if state.get("scaler"):
-            stepper.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        opt.load_state_dict(saved["optimizer"])
+        if sched is not None and saved.get("scheduler") is not None:
+            sched.load_state_dict(saved["scheduler"])
+        state = RunState.from_checkpoint(saved)
+    stepper = Stepper(
+        model, opt, device, amp=cfg.amp, defense=defense, ctx=ctx, class_weight=weight
+    )
+    if saved is not None:
+        if saved.get("scaler"):
+            stepper.scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"])
     augment = Augment(cfg.augment)
     adversarial = bool(getattr(defense, "adversarial", False))
-    collapse_watch = bool(getattr(defense, "stop_on_robust_collapse", False))
+    robust_watch = adversarial and bool(getattr(defense, "stop_on_robust_collapse", False))
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopped:
+    for epoch in range(len(state.history) + 1, cfg.epochs + 1):
+        if state.stopped:
             break
         t0 = time.time()
         _seed_epoch(cfg.seed, epoch)
+        if hasattr(defense, "set_epoch"):
+            defense.set_epoch(epoch, cfg.epochs)
         g_perm = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _PERM))
         g_aug = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _AUG, ctx.rank))
         lr = opt.param_groups[0]["lr"]
@@ -433,107 +509,54 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
         va = _validate(stepper, val_d, cfg, defense if adversarial else None)
         diverged = _nonfinite(tr, va, model)
         if diverged:  # keep the last finite checkpoints: nothing of this epoch is saved
-            if best_epoch == 0:
+            if not state.history:
                 raise HistoshieldError(
                     f"training diverged in epoch {epoch} ({diverged}) before any checkpoint "
                     f"was written; lower --lr (now {cfg.lr:g})"
                 )
-            stopped = (
+            state.stopped = (
                 f"training diverged in epoch {epoch} ({diverged}); stopped, keeping last.pt of "
-                f"epoch {epoch - 1} and best.pt of epoch {best_epoch}; lower --lr (now "
-                f"{cfg.lr:g}) to go further"
+                f"epoch {epoch - 1} and best.pt of epoch {select(state.history, adversarial).epoch}"
+                f"; lower --lr (now {cfg.lr:g}) to go further"
             )
             if ctx.is_main:
-                print(f"warning: {stopped}", file=sys.stderr)
+                print(f"warning: {state.stopped}", file=sys.stderr)
             break
         if sched is not None:
             sched.step()
         seconds = time.time() - t0
-        train_seconds += seconds
-        row = {
-            "epoch": epoch,
-            "train_loss": tr["loss"],
-            "train_acc": tr["acc"],
-            "val_loss": va["loss"],
-            "val_acc": va["acc"],
-            "val_robust_acc": va.get("robust_acc"),
-            "lr": lr,
-            "seconds": round(seconds, 3),
-        }
-        history.append(row)
-        if adversarial:
-            key = (va["robust_acc"], va["acc"], -va["loss"])
-        else:
-            key = (va["acc"], -va["loss"])
-        improved = best_key is None or key > best_key
-        if improved:
-            best_key, bad_epochs, best_epoch = key, 0, epoch
-        else:
-            bad_epochs += 1
-        if adversarial:
-            r = va["robust_acc"]
-            best_robust = r if best_robust is None else max(best_robust, r)
-            if collapse_watch and best_robust - r > ROBUST_COLLAPSE_DROP:
-                stopped = (
-                    f"robust accuracy collapsed at epoch {epoch} ({r:.3f} vs best "
-                    f"{best_robust:.3f}): catastrophic overfitting"
-                )
-        if cfg.early_stopping and bad_epochs >= cfg.early_stopping and not stopped:
-            stopped = f"early stopping: no improvement for {bad_epochs} epochs"
-        msg = (
-            f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
-            f"val loss {va['loss']:.4f} acc {va['acc']:.3f}"
-        )
-        if adversarial:
-            msg += f" robust {va['robust_acc']:.3f}"
-        _say(msg + ("  *" if improved else ""), progress, ctx)
+        state.train_seconds += seconds
+        row = _epoch_row(epoch, tr, va, defense if adversarial else None, lr, seconds)
+        state.history.append(row)
+        sel = select(state.history, adversarial)
+        state.stopped = _stop_reason(state, sel, cfg, robust_watch)
+        _say(_epoch_message(row, cfg.epochs) + ("  *" if sel.epoch == epoch else ""), progress, ctx)
+        if ctx.is_main and va["degenerate"]:  # shown even with --quiet: the run is failing
+            print(f"warning: epoch {epoch}: collapse: {va['degenerate']}", file=sys.stderr)
         if ctx.is_main:
-            meta = {"classes": classes, "epoch": epoch, **row}
-            if improved:
-                models.save_checkpoint(
-                    best_pt, model, config=cfg.model_dump(mode="json"), metrics=meta
-                )
-            state_out = {
-                "epoch": epoch,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "scaler": stepper.scaler.state_dict() if stepper.scaler.is_enabled() else None,
-                "rng": _rng_state(),
-                "history": history,
-                "best_key": list(best_key) if best_key is not None else None,
-                "best_robust": best_robust,
-                "bad_epochs": bad_epochs,
-                "best_epoch": best_epoch,
-                "stopped": stopped,
-                "train_seconds": train_seconds,
-            }
-            models.save_checkpoint(
-                last_pt,
-                model,
-                config=cfg.model_dump(mode="json"),
-                metrics=meta,
-                extra={"train_state": state_out},
-            )
-            write_text(out / "metrics.csv", _metrics_csv(history))
-            _plot(history, out, cfg)
+            _save_epoch(out, cfg, classes, stepper, sched, state, sel)
         ctx.barrier()
-        if stopped:
-            _say(stopped, progress, ctx)
+        if state.stopped:
+            _say(state.stopped, progress, ctx)
 
     results: dict[str, Any] = {}
     if ctx.is_main:
+        sel = select(state.history, adversarial)
+        if sel.degenerate:
+            print(
+                f"warning: every epoch's validation predictions were degenerate; best.pt is "
+                f"epoch {sel.epoch}, the best of them: {sel.reason}",
+                file=sys.stderr,
+            )
         results = _finish(
             cfg,
             out,
             classes,
-            history,
-            best_epoch=best_epoch,
-            stopped=stopped,
-            train_seconds=train_seconds,
+            state,
+            sel,
             t_start=t_start,
             data=(train_d, val_d, test_d),
             device=device,
-            adversarial=adversarial,
             ctx=ctx,
         )
     ctx.barrier()
@@ -549,6 +572,73 @@ def _nonfinite(tr: dict[str, float], va: dict[str, float], model: nn.Module) -> 
             return f"{what} {v}"
     bad = first_nonfinite(model.state_dict())
     return None if bad is None else f"weight {bad} is not finite"
+
+
+def _epoch_row(
+    epoch: int, tr: dict[str, float], va: dict[str, Any], defense: Any, lr: float, seconds: float
+) -> dict[str, Any]:
+    """One metrics.csv / history row (`defense` only when adversarial)."""
+    return {
+        "epoch": epoch,
+        "train_loss": tr["loss"],
+        "train_acc": tr["acc"],
+        "val_loss": va["loss"],
+        "val_acc": va["acc"],
+        "val_bal_acc": va["bal_acc"],
+        "val_robust_acc": va.get("robust_acc"),
+        "val_bal_robust_acc": va.get("bal_robust_acc"),
+        "val_degenerate": va["degenerate"],
+        "train_eps": getattr(defense, "train_eps", None),
+        "lr": lr,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _epoch_message(row: dict[str, Any], epochs: int) -> str:
+    """The progress line of one epoch."""
+    msg = (
+        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc "
+        f"{row['train_acc']:.3f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} "
+        f"balanced {row['val_bal_acc']:.3f}"
+    )
+    if row["val_bal_robust_acc"] is not None:
+        msg += f" robust {row['val_robust_acc']:.3f} (balanced {row['val_bal_robust_acc']:.3f})"
+    return msg
+
+
+def _save_epoch(
+    out: Path,
+    cfg: TrainConfig,
+    classes: list[str],
+    stepper: Stepper,
+    sched: Any,
+    state: RunState,
+    sel: Selection,
+) -> None:
+    """best.pt (when this epoch won), last.pt with everything --resume needs, metrics, plot."""
+    from histoshield import models
+
+    row = state.history[-1]
+    model, config = stepper.raw, cfg.model_dump(mode="json")
+    meta = {"classes": classes, **row}
+    if sel.epoch == row["epoch"]:
+        models.save_checkpoint(out / "best.pt", model, config=config, metrics=meta)
+    state_out = {
+        "epoch": row["epoch"],
+        "optimizer": stepper.opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "scaler": stepper.scaler.state_dict() if stepper.scaler.is_enabled() else None,
+        "rng": _rng_state(),
+        "history": state.history,
+        "best_epoch": sel.epoch,
+        "stopped": state.stopped,
+        "train_seconds": state.train_seconds,
+    }
+    models.save_checkpoint(
+        out / "last.pt", model, config=config, metrics=meta, extra={"train_state": state_out}
+    )
+    write_text(out / "metrics.csv", _metrics_csv(state.history))
+    _plot(state.history, out, cfg)
 
 
 def _plot(history: list[dict[str, Any]], out: Path, cfg: TrainConfig) -> None:
@@ -571,7 +661,7 @@ def _train_epoch(
 
     ctx = stepper.ctx
     stepper.raw.train()
-    order = D.shard(torch.randperm(len(d), generator=g_perm), ctx, pad=True)
+    order = D.shard(epoch_order(d.y, cfg.balance, g_perm), ctx, pad=True)
     order = order.to(d.x.device)
     sums = torch.zeros(3, dtype=torch.float64, device=stepper.device)  # loss*n, correct, n
     n_batches = math.ceil(order.numel() / cfg.batch_size)
@@ -602,14 +692,21 @@ def _train_epoch(
     return {"loss": sums[0].item() / total, "acc": sums[1].item() / total}
 
 
-def _validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict[str, float]:
-    """Val loss/accuracy (and robust accuracy under `defense.perturb_val`), summed over ranks."""
+def _validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict[str, Any]:
+    """Val loss, (balanced) accuracy, degenerate reason, and (balanced) robust accuracy under
+    `defense.perturb_val`, over the whole validation set whatever the number of ranks."""
+    from histoshield.evaluation.metrics import balanced_rate, degenerate_reason
+
     ctx, model = stepper.ctx, stepper.raw
     D.broadcast_buffers(model, ctx)  # validate (and save) with rank 0's BatchNorm statistics
     was = model.training
     model.eval()
-    idx_all = D.shard(torch.arange(len(d)), ctx, pad=False).to(d.x.device)
-    sums = torch.zeros(4, dtype=torch.float64, device=stepper.device)  # loss*n, ok, n, robust
+    n_all = len(d)
+    idx_all = D.shard(torch.arange(n_all), ctx, pad=False).to(d.x.device)
+    # [loss sum, clean prediction per image, robust prediction per image]: each image is on
+    # exactly one rank and the others hold 0, so one sum over ranks gathers every prediction.
+    buf = torch.zeros(1 + 2 * n_all, dtype=torch.float64, device=stepper.device)
+    pred, rpred = buf[1 : 1 + n_all], buf[1 + n_all :]
     bs = max(cfg.batch_size, 1)
     for b in range(0, idx_all.numel(), bs):
         idx = idx_all[b : b + bs]
@@ -617,21 +714,31 @@ def _validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict
         y = d.y[idx].to(stepper.device)
         with torch.no_grad(), stepper.autocast():
             logits = model(x).float()
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == y).sum()
-        sums[2] += y.numel()
+        buf[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        pos = idx.to(stepper.device)
+        pred[pos] = logits.argmax(1).double()
         if defense is not None:
             with stepper.autocast():
                 x_adv = defense.perturb_val(model, x, y)
             with torch.no_grad(), stepper.autocast():
-                sums[3] += (model(x_adv).argmax(1) == y).sum()
+                rpred[pos] = model(x_adv).argmax(1).double()
             model.eval()
     model.train(was)
-    ctx.all_reduce_sum(sums)
-    n = max(sums[2].item(), 1.0)
-    out = {"loss": sums[0].item() / n, "acc": sums[1].item() / n}
+    ctx.all_reduce_sum(buf)
+    y_all = d.y.cpu()
+    p = pred.cpu().long()
+    ok = p == y_all
+    n = max(n_all, 1)
+    out: dict[str, Any] = {
+        "loss": buf[0].item() / n,
+        "acc": ok.sum().item() / n,
+        "bal_acc": balanced_rate(ok, y_all),
+        "degenerate": degenerate_reason(y_all, p, d.classes),
+    }
     if defense is not None:
-        out["robust_acc"] = sums[3].item() / n
+        rok = rpred.cpu().long() == y_all
+        out["robust_acc"] = rok.sum().item() / n
+        out["bal_robust_acc"] = balanced_rate(rok, y_all)
     return out
 
 
@@ -654,21 +761,20 @@ def _finish(
     cfg: TrainConfig,
     out: Path,
     classes: list[str],
-    history: list[dict[str, Any]],
+    state: RunState,
+    sel: Selection,
     *,
-    best_epoch: int,
-    stopped: str | None,
-    train_seconds: float,
     t_start: float,
     data: tuple[Data, Data, Data],
     device: torch.device,
-    adversarial: bool,
     ctx: D.DistContext,
 ) -> dict[str, Any]:
     from histoshield import models
 
     train_d, val_d, test_d = data
     best = models.load_checkpoint(out / "best.pt").to(device)
+    history = state.history
+    collapsed = [int(r["epoch"]) for r in history if r.get("val_degenerate")]
     results = {
         "config": cfg.model_dump(mode="json"),
         "classes": classes,
@@ -677,10 +783,19 @@ def _finish(
         "world_size": ctx.world,
         "device": str(device),
         "epochs_run": len(history),
-        "best_epoch": best_epoch,
-        "selected_by": "val_robust_acc" if adversarial else "val_acc",
-        "stopped": stopped,
-        "train_seconds": round(train_seconds, 3),
+        "best_epoch": sel.epoch,
+        "selected_by": sel.metric,
+        "selection": sel.as_dict(),
+        "collapse": {
+            "degenerate_epochs": collapsed,
+            "warning": (
+                f"validation predictions were degenerate in epochs {collapsed}"
+                if collapsed
+                else None
+            ),
+        },
+        "stopped": state.stopped,
+        "train_seconds": round(state.train_seconds, 3),
         "wall_seconds": round(time.time() - t_start, 3),
         "history": history,
         "val": evaluate_split(best, val_d, classes, device),
