@@ -225,6 +225,7 @@ def attack_cmd(
     """Accuracy under attack per eps (Wilson CI), success rate, L∞/L2, PSNR/SSIM, self-checks."""
     from histoshield.attacks import parse_value
     from histoshield.evaluation.robustness import attack_checkpoint, format_rows, rows_json
+    from histoshield.report.attack import write_attack_figures
 
     params = {"steps": steps, "restarts": restarts, "max_queries": max_queries}
     if alpha is not None:
@@ -250,13 +251,16 @@ def attack_cmd(
         device=device,
         progress=not json_out,
     )
+    write_attack_figures(res, res["out"], save_examples)
     if json_out:
+        if res["degenerate"]:
+            typer.echo(f"warning: {res['degenerate']}", err=True)
         typer.echo(rows_json(res["results"]))
         for c in res["sanity"]:
             if not c["passed"]:
                 typer.echo(f"warning: {c['detail']}", err=True)
     else:
-        typer.echo(format_rows(res["results"], res["sanity"]))
+        typer.echo(format_rows(res["results"], res["sanity"], degenerate=res["degenerate"]))
         typer.echo(f"results: {res['out']}/results.json")
 
 
