@@ -331,7 +331,10 @@ def study(
 
     cfg = load_study_config(config, data=data, seed=seed)
     echo = None if quiet else typer.echo
-    run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
+    res = run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
+    for name, info in res.get("models", {}).items():
+        if info.get("degenerate"):
+            typer.echo(f"warning: model {name}: {info['degenerate']}", err=True)
     if quiet:
         typer.echo(f"report: {out}/report.html")
 

@@ -195,7 +195,7 @@ def certify_checkpoint(
     checkpoint (its training run's split); else `data` is split with the checkpoint's settings.
     """
     from histoshield.defenses.smoothing import check_settings
-    from histoshield.evaluation.predict import load_eval_data
+    from histoshield.evaluation.predict import degenerate_check, load_eval_data
 
     if not sigma > 0 or not math.isfinite(sigma):
         raise HistoshieldError(f"--sigma must be > 0 (got {sigma})")
@@ -226,7 +226,10 @@ def certify_checkpoint(
         device=ev.device,
         progress=progress,
     )
+    # the base classifier's clean predictions: a constant one certifies one class "robustly"
+    degenerate = degenerate_check(ev.model, ev.x, ev.y, ev.classes, device=ev.device)
     result.update(
+        degenerate=degenerate,
         checkpoint=str(ckpt),
         source=ev.source,
         subset=ev.subset,
@@ -239,7 +242,8 @@ def certify_checkpoint(
 
 def format_certify(result: dict[str, Any]) -> str:
     """A short plain-text summary: settings, abstentions, and certified accuracy per radius."""
-    lines = [
+    lines = [f"warning: {result['degenerate']}"] if result.get("degenerate") else []
+    lines += [
         f"randomized smoothing: σ={result['sigma']:g} n0={result['n0']} n={result['n']} "
         f"α={result['alpha']:g} seed={result['seed']} ({result['n_images']} images, "
         f"{result['seconds']:.1f} s)",
