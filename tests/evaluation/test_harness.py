@@ -150,3 +150,35 @@ def test_degenerate_check_fires_on_a_constant_model_not_on_a_good_one():
     assert degenerate_check(_Oracle(), x, y, CLASSES) is None
     reason = degenerate_check(_Constant(1), x, y, CLASSES)
     assert reason and "malignant for 100%" in reason and "not meaningful" in reason
+
+
+def test_evaluation_modules_import_without_cycles():
+    """harness ← sanity ← robustness: the imports between evaluation modules form no cycle."""
+    import ast
+    from pathlib import Path
+
+    import histoshield.evaluation as ev
+
+    folder = Path(ev.__file__).parent
+    graph = {}
+    for p in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "histoshield.evaluation."
+            ):
+                deps.add(node.module.rsplit(".", 1)[1])
+        graph[p.stem] = deps - {p.stem}
+
+    def reach(start, node, seen):
+        for d in graph.get(node, ()):
+            if d == start:
+                return True
+            if d not in seen:
+                seen.add(d)
+                if reach(start, d, seen):
+                    return True
+        return False
+
+    assert "robustness" not in graph["sanity"]
+    assert [m for m in graph if reach(m, m, set())] == []
