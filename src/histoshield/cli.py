@@ -21,6 +21,8 @@ app.add_typer(data_app, name="data")
 # ---- data commands ------------------------------------------------------------------------
 
 _MAG_HELP = "Keep only this magnification (40, 100, 200, 400; repeatable)."
+_CLASSES_HELP = "Accepted labels, comma-separated (default benign,malignant)."
+_LEAK_HELP = "Accept a split CSV that puts a patient in two splits (image-level protocol)."
 
 
 @data_app.command("inspect")
@@ -28,13 +30,15 @@ def data_inspect(
     path: str = typer.Argument(..., help="Folder, manifest/split CSV, or 'synthetic'."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     magnification: list[str] = typer.Option([], "--magnification", "-m", help=_MAG_HELP),
+    classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
 ) -> None:
     """Count images per class, subtype, magnification and patients; list problems."""
     import json
 
     from histoshield.data import format_inspection, inspect_imageset, load_imageset
 
-    info = inspect_imageset(load_imageset(path, magnifications=magnification, on_bad="report"))
+    ims = load_imageset(path, magnifications=magnification, on_bad="report", classes=classes)
+    info = inspect_imageset(ims)
     typer.echo(json.dumps(info) if json_out else format_inspection(info))
 
 
@@ -48,11 +52,13 @@ def data_split(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     magnification: list[str] = typer.Option([], "--magnification", "-m", help=_MAG_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad files instead of stopping."),
+    classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
 ) -> None:
     """Split into train/val/test (by patient by default) and print a Table-1-style summary."""
     from histoshield.data import format_split_summary, load_imageset, make_split, write_split
 
-    ims = load_imageset(path, magnifications=magnification, on_bad="skip" if skip_bad else "raise")
+    on_bad = "skip" if skip_bad else "raise"
+    ims = load_imageset(path, magnifications=magnification, on_bad=on_bad, classes=classes)
     split = make_split(ims, by=by, val=val, test=test, seed=seed)
     write_split(out, split)
     typer.echo(format_split_summary(split))
@@ -79,6 +85,7 @@ def data_synth(
 
 _RESUME_HELP = "Continue the run in RUN (or --out) from its last.pt, with its config.yaml."
 _SKIP_BAD_HELP = "Skip bad image files (with a warning) instead of stopping."
+_OVERWRITE_HELP = "Replace a finished run of this kind in --out (another kind is always refused)."
 
 
 @app.command("train")
@@ -103,6 +110,8 @@ def train_cmd(
     early_stopping: int | None = typer.Option(None, "--early-stopping", help="Patience."),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
     magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
+    classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
+    allow_patient_leak: bool | None = typer.Option(None, "--allow-patient-leak", help=_LEAK_HELP),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -123,7 +132,7 @@ def train_cmd(
         batch_size=batch_size, lr=lr, optimizer=optimizer, scheduler=scheduler,
         image_size=image_size, seed=seed, defense=defense, stain_norm=stain_norm,
         early_stopping=early_stopping, skip_bad=skip_bad, magnification=magnification or None,
-        device=device,
+        classes=classes, allow_patient_leak=allow_patient_leak, device=device,
     )  # fmt: skip
     if folder is None:
         folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -152,6 +161,8 @@ def evaluate_cmd(
     only: str | None = typer.Option(None, "--only", help="Only images of this class."),
     purify: str | None = typer.Option(None, "--purify", help="e.g. jpeg:quality=75."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    classes: str | None = typer.Option(None, "--classes", help="Labels (default: the model's)."),
+    allow_patient_leak: bool = typer.Option(False, "--allow-patient-leak", help=_LEAK_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
@@ -170,23 +181,26 @@ def evaluate_cmd(
         purify=purify,
         skip_bad=skip_bad,
         device=device,
+        classes=classes,
+        allow_patient_leak=allow_patient_leak,
     )
     typer.echo(json.dumps(_json_safe(m)) if json_out else format_metrics(m))
 
 
 @app.command("predict")
 def predict_cmd(
-    images: list[str] = typer.Argument(..., help="Image files."),
+    images: list[str] = typer.Argument(..., help="Image files or folders of images."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON list."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
 ) -> None:
     """Predicted class and its probability for each image."""
     import json
 
     from histoshield.evaluation.predict import predict_images
 
-    res = predict_images(images, checkpoint, device=device)
+    res = predict_images(images, checkpoint, device=device, skip_bad=skip_bad)
     if json_out:
         typer.echo(json.dumps(res))
     else:
@@ -221,6 +235,7 @@ def attack_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
 ) -> None:
     """Accuracy under attack per eps (Wilson CI), success rate, L∞/L2, PSNR/SSIM, self-checks."""
     from histoshield.attacks import parse_value
@@ -250,8 +265,9 @@ def attack_cmd(
         skip_bad=skip_bad,
         device=device,
         progress=not json_out,
+        overwrite=overwrite,
+        figures=lambda r: write_attack_figures(r, r["out"], save_examples),
     )
-    write_attack_figures(res, res["out"], save_examples)
     if json_out:
         if res["degenerate"]:
             typer.echo(f"warning: {res['degenerate']}", err=True)
@@ -270,7 +286,7 @@ def attack_cmd(
 @app.command("certify")
 def certify_cmd(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Base classifier (best.pt)."),
-    sigma: float = typer.Option(0.25, "--sigma", help="Noise std in [0,1] pixel units."),
+    sigma: float = typer.Option(0.25, "--sigma", help="Noise std in (0,1] pixel units."),
     n0: int = typer.Option(100, "--n0", help="Samples to pick the top class."),
     n: int = typer.Option(10_000, "--n", help="Samples to bound its probability."),
     alpha: float = typer.Option(0.001, "--alpha", help="Failure probability of each bound."),
@@ -283,6 +299,7 @@ def certify_cmd(
     out: str | None = typer.Option(None, "--out", help="Folder for certify.json/csv/png."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
 ) -> None:
     """Randomized smoothing (Cohen et al. 2019): certified L2 radius per image and the curve."""
     import json
@@ -304,6 +321,7 @@ def certify_cmd(
         device=device,
         out=out,
         progress=not json_out,
+        overwrite=overwrite,
     )
     if json_out:
         typer.echo(json.dumps(res, indent=2))
@@ -351,6 +369,10 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="histoshield", standalone_mode=False)
     except HistoshieldError as e:
         _fail(str(e), e.exit_code)
+    except OSError as e:  # a write that failed outside the atomic helpers: still one line
+        from histoshield.runfolder import os_error
+
+        _fail(str(os_error(e, verb="use")), 2)
     except typer.TyperException as e:  # click's usage errors: unknown option, bad value, ...
         if type(e).__name__ == "NoArgsIsHelpError":  # bare command: its help is the answer
             typer.echo(e.format_message(), nl=False)

@@ -41,13 +41,15 @@ class TrainConfig(Strict):
     test: float = Field(0.1, gt=0, lt=0.5)
     magnification: list[int] = Field(default_factory=list)
     skip_bad: bool = False
+    classes: list[str] | None = None  # accepted labels; None: benign, malignant
+    allow_patient_leak: bool = False  # a split CSV may put a patient in two splits
     model: str = "smallcnn"
     weights: str = "none"
     image_size: int = Field(96, ge=32, le=1024)
     stain_norm: Literal["none", "reinhard", "macenko"] = "none"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["none", "cosine", "step"] = "none"
@@ -59,6 +61,23 @@ class TrainConfig(Strict):
     amp: bool = True
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes(cls, v: Any) -> Any:
+        from histoshield.data.layouts import parse_classes
+
+        if v is None:
+            return None
+        try:
+            return list(parse_classes(v))
+        except HistoshieldError as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def leak_allowed(self) -> bool:
+        """Patient leakage across splits is accepted: asked for, or an image-level split."""
+        return self.allow_patient_leak or self.split_by == "image"
 
     @field_validator("magnification", mode="before")
     @classmethod
@@ -76,21 +95,45 @@ class TrainConfig(Strict):
         return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     """A YAML file's top-level mapping; one-line errors for missing, unreadable or bad files."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise HistoshieldError(f"{what} file not found: {p} (pass an existing YAML file)")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.constructor.ConstructorError as e:
+        if e.problem and e.problem.startswith("duplicate key"):
+            raise HistoshieldError(
+                f"{what} {p} has a {e.problem}: keep one of them (YAML would silently use the last)"
+            ) from None
+        raise HistoshieldError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     except yaml.YAMLError as e:
         raise HistoshieldError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError:
         raise HistoshieldError(f"{what} {p} is not a UTF-8 text file; pass a YAML file") from None
     except OSError as e:
         raise HistoshieldError(f"cannot read {what} {p}: {e.strerror or e}") from None
-    if loaded is None:
-        return {}
+    if loaded is None:  # an empty file is a mistake, not "use every default"
+        raise HistoshieldError(
+            f"{what} {p} is empty: put settings in it, or leave out --config for the defaults"
+        )
     if not isinstance(loaded, dict):
         raise HistoshieldError(f"{what} {p} must be a YAML mapping of settings")
     return loaded
@@ -143,7 +186,7 @@ class CertifyConfig(Strict):
     """Randomized-smoothing certification of the gaussian model (Cohen et al. 2019)."""
 
     enabled: bool = True
-    sigma: float | None = Field(None, gt=0)  # None → the study's gaussian_sigma
+    sigma: float | None = Field(None, gt=0, le=1)  # None → the study's gaussian_sigma
     n0: int = Field(100, ge=1)
     n: int = Field(1000, ge=1)
     alpha: float = Field(0.001, gt=0, lt=1)

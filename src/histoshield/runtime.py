@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from histoshield.errors import HistoshieldError
+from histoshield.runfolder import os_error
 
 
 def _default_mode() -> int:
@@ -42,15 +43,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise HistoshieldError(
             f"cannot write {path}: part of its folder path is an existing file; choose another"
         ) from None
-    except OSError as e:  # e.g. a read-only folder
-        raise HistoshieldError(
-            f"cannot write {path}: {e.strerror or e}; choose a writable location"
-        ) from None
+    except OSError as e:  # e.g. a read-only folder or a full disk
+        raise os_error(e, path) from None
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
+    except OSError as e:  # full disk, quota, a folder made read-only meanwhile: one line
+        Path(tmp).unlink(missing_ok=True)
+        raise os_error(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -23,6 +23,8 @@ def parse_number(
     else:
         num, slash, den = str(text).partition("/")
         try:
+            if "_" in num + den:  # Python reads '1_0' as 10: a typo here, never a number
+                raise ValueError(text)
             # Fraction keeps '0.1/3' exact until the one final rounding; '2 / 255' is fine too.
             exact = Fraction(num.strip()) / Fraction(den.strip()) if slash else Fraction(num)
             if "/" not in den:  # '1/2/3' is a typo, not 1.5

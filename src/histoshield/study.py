@@ -204,7 +204,26 @@ def run_study(
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage of the study into `out`; returns the final results.json."""
+    from histoshield.runfolder import claim
+
+    check_study_config(cfg)  # a typo in an attack or defense fails now, not after training
     out = Path(out).expanduser().resolve()
+    with claim(out, "study", resume=resume, overwrite=overwrite):
+        return _run_study(
+            cfg, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo
+        )
+
+
+def _run_study(
+    cfg: StudyConfig,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    say = echo or (print if progress else _stderr)  # a kept-stages note shows even when quiet
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(cfg)
     state_path = out / STATE
@@ -218,10 +237,7 @@ def run_study(
     if resume and state_path.is_file():
         state = _read_json(state_path)
         if state.get("config_sha256") != _config_digest(cfg_text):
-            raise HistoshieldError(
-                f"{out} holds a study with a different config ({out / 'config.yaml'}): resume "
-                "with the same settings, or use --overwrite / another --out"
-            )
+            _accept_changed_config(out, cfg, state, say)
         results = _read_json(out / RESULTS) if (out / RESULTS).is_file() else {}
     else:
         state = {"finished": [], "config_sha256": _config_digest(cfg_text)}
@@ -257,6 +273,32 @@ def run_study(
     return results
 
 
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
+def _accept_changed_config(
+    out: Path, cfg: StudyConfig, state: dict[str, Any], echo: Callable[[str], None]
+) -> None:
+    """Resume with a config that differs only in keys no finished stage used (else refuse)."""
+    old = _previous_config(out)
+    if old is None:
+        raise HistoshieldError(
+            f"{out} holds a study with a different config ({out / 'config.yaml'}): resume "
+            "with the same settings, or use --overwrite / another --out"
+        )
+    try:
+        changed = config_changes(old, cfg, state["finished"])
+    except HistoshieldError as e:
+        raise HistoshieldError(f"cannot resume {out}: {e}") from None
+    state["finished"] = [s for s in state["finished"] if s != "report"]  # rebuilt at the end
+    state["config_sha256"] = _config_digest(dump_config(cfg))
+    kept = ", ".join(state["finished"]) or "none"
+    echo(f"resuming with a changed config ({', '.join(changed)}): kept finished stages {kept}")
+
+
 # ---- data and models shared by stages -----------------------------------------------------
 
 
@@ -264,7 +306,12 @@ def _split_set(ctx: Context):
     from histoshield.data.splits import read_split
 
     if "split" not in ctx.cache:
-        ctx.cache["split"] = read_split(ctx.out / "split.csv")
+        t = ctx.cfg.train
+        ctx.cache["split"] = read_split(
+            ctx.out / "split.csv",
+            classes=t.classes,
+            allow_patient_leak=t.allow_patient_leak or ctx.cfg.split_by == "image",
+        )
     return ctx.cache["split"]
 
 
@@ -327,6 +374,115 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, _write)
 
 
+def check_study_config(cfg: StudyConfig) -> None:
+    """Refuse, before any stage runs, every attack, parameter, defense or purifier spec of the
+    config that would fail later (a typo must not cost the hours of training before it)."""
+    from histoshield import defenses
+    from histoshield.defenses import purify
+    from histoshield.evaluation.harness import check_attack
+
+    eps = max(cfg.curve_eps) or cfg.table3_eps
+    attack_specs = [("table3_attack", cfg.table3_attack)]
+    attack_specs += [("curve_attacks", s) for s in cfg.curve_attacks]
+    attack_specs += [("extra_attacks", s) for s in cfg.extra_attacks]
+    for key, spec in attack_specs:
+        try:
+            name, params = parse_attack_spec(spec)
+            if "eps" in params:
+                raise HistoshieldError("eps comes from curve_eps / table3_eps: remove eps=")
+            check_attack(name, [eps], params, batch_size=cfg.batch_size)
+        except HistoshieldError as e:
+            raise HistoshieldError(f"{key} {spec!r} in the study config: {e}") from None
+    checks = [("gaussian_sigma", gaussian_spec(cfg), defenses.create)]
+    checks += [("extra_defenses", s, defenses.create) for s in cfg.extra_defenses]
+    for key in ("purify", "purifiers", "extra_purifiers"):  # purifier settings, where present
+        value = getattr(cfg, key, None)
+        for s in [value] if isinstance(value, str) else list(value or []):
+            checks.append((key, s, purify.create))
+    for key, spec, create in checks:
+        try:
+            create(spec)
+        except HistoshieldError as e:
+            raise HistoshieldError(f"{key} {spec!r} in the study config: {e}") from None
+
+
+# ---- resuming with a changed config ----------------------------------------------------------
+# Each stage uses some config keys (and, through its inputs, those of earlier stages). A resume
+# may change any key no finished stage used; the report is rebuilt whenever anything changed.
+
+_RUNTIME_ONLY = ("train.device", "train.num_workers", "train.cache_dir")
+_SPLIT_KEYS = (
+    "data", "seed", "split_by", "train.val", "train.test", "train.magnification", "train.skip_bad"
+)  # fmt: skip
+_TRAIN_KEYS = (*_SPLIT_KEYS, "train")
+_MODELS_KEYS = (*_TRAIN_KEYS, "gaussian_sigma", "extra_defenses", "batch_size")
+_CURVE_KEYS = (*_MODELS_KEYS, "curve_attacks", "extra_attacks", "curve_eps")
+
+
+def stage_keys(stage: str) -> tuple[str, ...]:
+    """Config keys (dotted prefixes) whose values stage `stage`'s results depend on."""
+    if stage == "split":
+        return _SPLIT_KEYS
+    if stage == "train_original":
+        return _TRAIN_KEYS
+    if stage == "train_gaussian":
+        return (*_TRAIN_KEYS, "gaussian_sigma")
+    if stage.startswith("train_"):
+        return (*_TRAIN_KEYS, f"extra_defenses.{stage.removeprefix('train_')}")
+    return {
+        "clean": _MODELS_KEYS,
+        "table3": (*_MODELS_KEYS, "table3_attack", "table3_eps", "only"),
+        "curves": _CURVE_KEYS,
+        "transfer": (*_CURVE_KEYS, "transfer"),
+        "certify": (*_TRAIN_KEYS, "gaussian_sigma", "certify"),
+        "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
+        "report": (),  # reads results only; rebuilt after any accepted change
+    }.get(stage, ("*",))  # a stage not listed here: any change may affect it
+
+
+def _flat(cfg: StudyConfig) -> dict[str, Any]:
+    """Dotted key -> value; extra defenses keyed by their model name (`extra_defenses.pgd-at`)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = obj
+
+    data = cfg.model_dump(mode="json")
+    data["extra_defenses"] = dict(zip(defense_slugs(cfg), cfg.extra_defenses, strict=True))
+    walk("", data)
+    return {k: v for k, v in out.items() if k not in _RUNTIME_ONLY}
+
+
+def config_changes(old: StudyConfig, new: StudyConfig, finished: list[str]) -> list[str]:
+    """Keys that differ between `old` and `new`; raises naming the first finished stage that
+    used one of them."""
+    a, b = _flat(old), _flat(new)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    for stage in finished:
+        prefixes = stage_keys(stage)
+        hit = [k for k in changed if any(p in ("*", k) or k.startswith(p + ".") for p in prefixes)]
+        if hit:
+            raise HistoshieldError(
+                f"the study holds a different config: {', '.join(hit)} changed, which the "
+                f"finished stage {stage!r} used; restore {'it' if len(hit) == 1 else 'them'}, "
+                "or use --overwrite / another --out"
+            )
+    return changed
+
+
+def _previous_config(out: Path) -> StudyConfig | None:
+    import yaml
+
+    try:
+        return StudyConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text("utf-8")))
+    except Exception:  # missing, edited by hand or from another version: compare digests only
+        return None
+
+
 def _evenly(x: torch.Tensor, y: torch.Tensor, limit: int | None):
     """At most `limit` images, evenly spaced: keeps every class when the split lists them in
     blocks (a plain prefix would hold benign images only)."""
@@ -346,7 +502,13 @@ def _stage_split(ctx: Context) -> dict[str, Any]:
 
     cfg = ctx.cfg
     on_bad = "skip" if cfg.train.skip_bad else "raise"
-    iset = load_imageset(cfg.data, magnifications=cfg.train.magnification or None, on_bad=on_bad)
+    iset = load_imageset(
+        cfg.data,
+        magnifications=cfg.train.magnification or None,
+        on_bad=on_bad,
+        classes=cfg.train.classes,
+        allow_patient_leak=cfg.train.allow_patient_leak or cfg.split_by == "image",
+    )
     if len(iset.classes) < 2:
         raise HistoshieldError(f"the study needs two classes; {cfg.data} has {iset.classes}")
     if cfg.only is not None and cfg.only not in iset.classes:

@@ -44,7 +44,7 @@ def test_default_cache_dir_uses_env(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HISTOSHIELD_CACHE", str(tmp_path / "hc"))
     _solid(tmp_path / "d" / "x" / "a.png", (5, 5, 5))
     _solid(tmp_path / "d" / "y" / "b.png", (6, 6, 6))
-    load_arrays(load_imageset(tmp_path / "d").records, 4, progress=False)
+    load_arrays(load_imageset(tmp_path / "d", classes="x,y").records, 4, progress=False)
     assert len(list((tmp_path / "hc" / "arrays").glob("*.npy"))) == 1
 
 

@@ -102,7 +102,7 @@ def test_class_folders(class_tree: Path) -> None:
 def test_more_than_two_classes(tmp_path: Path) -> None:
     for k, c in enumerate(("a", "b", "c")):
         write_image(tmp_path / c / "x.png", value=k)
-    assert load_imageset(tmp_path).classes == ["a", "b", "c"]
+    assert load_imageset(tmp_path, classes=["a", "B ", "c"]).classes == ["a", "b", "c"]
 
 
 def _manifest(root: Path, rows: list[str], name: str = "manifest.csv") -> Path:

@@ -105,8 +105,12 @@ def test_cli_certify_end_to_end(tmp_path):
     assert (out / "certify.json").is_file() and (out / "certified_accuracy.png").is_file()
     assert all(row["radius"] <= max_radius(0.25, 64, 0.01) + 1e-9 for row in res["rows"])
     assert res["paths"] == [str(rec.path) for rec in ims.subset("test")[:3]]
-    # the same seed gives the same certificates
-    again = json.loads(CliRunner().invoke(app, args).stdout)
+    # a finished certify run is replaced only on request; the same seed gives the same result
+    refused = CliRunner().invoke(app, args)
+    assert isinstance(refused.exception, HistoshieldError) and "--overwrite" in str(
+        refused.exception
+    )
+    again = json.loads(CliRunner().invoke(app, [*args, "--overwrite"]).stdout)
     assert [r["radius"] for r in again["rows"]] == [r["radius"] for r in res["rows"]]
     assert np.isfinite([r["radius"] for r in res["rows"]]).all()
 

@@ -12,30 +12,37 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from histoshield.data.images import read_rgb
+from histoshield.data.images import content_digest, read_rgb
 from histoshield.data.records import Record
 from histoshield.errors import HistoshieldError
 from histoshield.runtime import atomic_write
 
-_CACHE_VERSION = "1"  # bump when decoding/resizing changes so stale arrays are not reused
+_CACHE_VERSION = "2"  # bump when decoding/resizing or the key changes (2: keyed on content)
 
 
 def cache_root() -> Path:
     """`$HISTOSHIELD_CACHE`, default `~/.cache/histoshield`."""
     env = os.environ.get("HISTOSHIELD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "histoshield"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "histoshield"
+    if root.exists() and not root.is_dir():
+        raise HistoshieldError(
+            f"the decode cache {root} (HISTOSHIELD_CACHE) is a file, not a folder: point "
+            "HISTOSHIELD_CACHE at a writable folder"
+        )
+    return root
 
 
 def _cache_key(records: Sequence[Record], size: int) -> str:
+    """Keyed on each file's content, not its size and mtime: a file replaced by `cp -p`,
+    rsync or tar keeps both, and must not be served the old pixels (see benchmarks/cache_key.py
+    for the cost, small next to decoding)."""
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as ex:  # hashlib releases the GIL
+        digests = list(ex.map(lambda r: content_digest(r.path), records))
     h = hashlib.sha256(f"v{_CACHE_VERSION}|{size}".encode())
-    for r in records:
-        try:
-            st = r.path.stat()
-        except OSError:
-            raise HistoshieldError(
-                f"{r.path}: image file disappeared; re-run `histoshield data inspect`"
-            ) from None
-        h.update(f"|{r.path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for r, d in zip(records, digests, strict=True):
+        # fsencode: file names need not be valid UTF-8
+        h.update(b"|" + os.fsencode(r.path) + b"|" + d.encode())
     return h.hexdigest()[:32]
 
 
@@ -48,7 +55,9 @@ def load_arrays(
 ) -> np.ndarray:
     """uint8 (N,size,size,3): every image decoded to RGB and resized (bicubic, antialiased).
 
-    The result is cached on disk keyed by (paths, sizes, mtimes, size) so later runs skip decoding.
+    The result is cached on disk keyed by (paths, file contents, size) so later runs skip
+    decoding. A file that fails to decode stops the load with its name; `load_imageset(...,
+    on_bad="skip")` decodes every file first, so skipped files never get here.
     """
     if size < 1:
         raise HistoshieldError(f"image size must be positive, got {size}")
@@ -66,7 +75,7 @@ def load_arrays(
     arr = np.empty((len(records), size, size, 3), np.uint8)
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        it = ex.map(lambda r: read_rgb(r.path, size), records)
+        it = ex.map(lambda r: _decode(r.path, size), records)
         bar = tqdm(
             it,
             total=len(records),
@@ -86,6 +95,13 @@ def load_arrays(
     except OSError:
         pass  # a read-only or full cache only costs speed, never correctness
     return arr
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    try:
+        return read_rgb(path, size)
+    except HistoshieldError as e:
+        raise HistoshieldError(f"{e}; or pass --skip-bad to leave out files that fail") from None
 
 
 def to_float(arr: np.ndarray) -> torch.Tensor:

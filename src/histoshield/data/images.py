@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -17,15 +18,45 @@ IGNORED_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
 IGNORED_EXTENSIONS = frozenset(
     {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".html", ".pdf", ".npy", ".py", ".xml"}
 )
-_DEFAULT_MAX_PIXELS = 400_000_000  # ~1.2 GB as RGB; real BreakHis images are 0.3 MP
+_DEFAULT_MAX_PIXELS = 400_000_000  # decoding for training: ~4 MB/MP RGB (docs/reliability.md)
 
 
 def max_pixels() -> int:
-    """Largest image (width × height) we decode: `$HISTOSHIELD_MAX_PIXELS`, default 400 MP."""
+    """Pixel limit (width × height): images of this many pixels or more are refused.
+
+    `$HISTOSHIELD_MAX_PIXELS`, default 400 MP; real BreakHis images are 0.3 MP.
+    """
     try:
         return int(os.environ.get("HISTOSHIELD_MAX_PIXELS", _DEFAULT_MAX_PIXELS))
     except ValueError:
         return _DEFAULT_MAX_PIXELS
+
+
+CHECK_SIZE = 64  # decode size of the full check (`check_image(decode=True)`)
+
+
+def os_error_text(e: OSError) -> str:
+    """Words for an OS-level read failure (not a broken image): permission denied, EIO..."""
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"cannot read ({e.strerror or e})"
+
+
+def content_digest(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes: duplicate detection and the decode cache's key.
+
+    SHA-256 rather than BLAKE2b or CRC32: measured faster than BLAKE2b here (CPU SHA
+    extensions) and collision-resistant, unlike CRC32; see benchmarks/cache_key.py.
+    """
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise HistoshieldError(
+            f"{path}: image file disappeared; re-run `histoshield data inspect`"
+        ) from None
+    except OSError as e:
+        raise HistoshieldError(f"{path}: {os_error_text(e)}") from None
 
 
 def is_image_file(path: Path) -> bool:
@@ -55,10 +86,10 @@ def _open(path: Path) -> Image.Image:
     finally:
         Image.MAX_IMAGE_PIXELS = old
     w, h = img.size
-    if w * h > limit:
+    if w * h >= limit:  # exclusive: the limit itself is the first size refused
         img.close()
         raise ValueError(
-            f"image is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the "
+            f"image is {w}x{h} ({w * h / 1e6:.0f} megapixels), at or over the "
             f"{limit / 1e6:.0f} MP limit (downscale it, or raise HISTOSHIELD_MAX_PIXELS)"
         )
     if w < 1 or h < 1:
@@ -67,12 +98,18 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def check_image(path: Path) -> str | None:
-    """Cheap validity check without a full decode; returns a problem description or None."""
+def check_image(path: Path, *, decode: bool = False, decoded_ok: Path | None = None) -> str | None:
+    """Validity check; returns a problem description or None.
+
+    Without `decode` only headers and (PNG) chunk checksums are read, which misses files whose
+    pixel data is bad (an empty IDAT behind a valid header); `decode=True` also decodes them.
+    `decoded_ok` is a folder of markers named by content digest: a file whose bytes decoded
+    before is not decoded again, and one that decodes now gets a marker.
+    """
     try:
         size = path.stat().st_size
     except OSError as e:
-        return f"cannot read file ({e.strerror or e})"
+        return os_error_text(e)
     if size == 0:
         return "empty file (0 bytes)"
     try:
@@ -85,6 +122,10 @@ def check_image(path: Path) -> str | None:
         return str(e)
     except UnidentifiedImageError:
         return "not an image (PIL cannot identify it)"
+    except OSError as e:
+        if e.errno is not None:  # a read failure, not a format error (PIL's have no errno)
+            return os_error_text(e)
+        return f"corrupt image ({type(e).__name__}: {e})"
     except Exception as e:  # PIL raises many types for broken files
         return f"corrupt image ({type(e).__name__}: {e})"
     if fmt == "JPEG":
@@ -94,6 +135,28 @@ def check_image(path: Path) -> str | None:
             tail = f.read()
         if b"\xff\xd9" not in tail:
             return "truncated JPEG (no end-of-image marker)"
+    return _decode_problem(path, decoded_ok) if decode else None
+
+
+def _decode_problem(path: Path, decoded_ok: Path | None) -> str | None:
+    marker = None
+    try:
+        if decoded_ok is not None:
+            digest = content_digest(path)
+            marker = decoded_ok / digest[:2] / digest
+            if marker.exists():
+                return None
+        # The way load_arrays decodes (JPEG draft, integer reduce) at a small size: the same
+        # failures, at about half the memory of a full-size decode.
+        read_rgb(path, CHECK_SIZE)
+    except HistoshieldError as e:
+        return str(e).removeprefix(f"{path}: ").removesuffix("; replace or remove it")
+    if marker is not None:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass  # a read-only cache only costs the next check its speed
     return None
 
 
@@ -143,6 +206,13 @@ def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
         raise HistoshieldError(
             f"{path}: not an image (PIL cannot identify it); replace or remove it"
         ) from None
+    except OSError as e:
+        if e.errno is None:
+            raise HistoshieldError(
+                f"{path}: corrupt or truncated image ({type(e).__name__}: {e}); replace or "
+                "remove it"
+            ) from None
+        raise HistoshieldError(f"{path}: {os_error_text(e)}") from None
     except Exception as e:
         raise HistoshieldError(
             f"{path}: corrupt or truncated image ({type(e).__name__}: {e}); replace or remove it"

@@ -8,11 +8,10 @@ them in `ImageSet.problems` (``"report"`` is what `inspect` uses).
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,12 +23,19 @@ from histoshield.data.breakhis import (
     normalise_subtype,
     parse_breakhis_name,
 )
-from histoshield.data.images import check_image, is_ignorable, is_image_file
-from histoshield.data.records import ImageSet, Record
+from histoshield.data.images import (
+    check_image,
+    content_digest,
+    is_ignorable,
+    is_image_file,
+    os_error_text,
+)
+from histoshield.data.records import ImageSet, Record, patient_leaks
 from histoshield.errors import HistoshieldError
 
 ON_BAD = ("raise", "skip", "report")
 SPLITS = ("train", "val", "test")
+CLASSES = ("benign", "malignant")  # the labels accepted unless a `classes` list is given
 _SKIP_HINT = "fix or remove it, or pass --skip-bad to skip bad files"
 _SKIP_DIRS = {"__MACOSX", "__pycache__"}
 
@@ -51,6 +57,10 @@ class _Problems:
         self.bad.add(path)
         self.items.append(f"{path}: {what} (skipped)")
 
+    def bad_dir(self, path: Path, what: str) -> None:
+        """A folder whose contents cannot be seen: its images are missing from the load."""
+        self.note(f"{path}: {what} (its images are left out)", fatal_when_raising=True)
+
     def note(self, what: str, *, fatal_when_raising: bool = False) -> None:
         """A dataset-level issue; some of them stop a strict load."""
         if fatal_when_raising and self.on_bad == "raise":
@@ -63,6 +73,8 @@ def load_imageset(
     *,
     magnifications: Iterable[int | str] | None = None,
     on_bad: str = "raise",
+    classes: Sequence[str] | str | None = None,
+    allow_patient_leak: bool = False,
 ) -> ImageSet:
     """Read labelled images from a folder, a manifest/split CSV, or `"synthetic"`.
 
@@ -70,8 +82,14 @@ def load_imageset(
     BreakHis-named files anywhere below (metadata from the names, checked against folders); else
     class folders ``ROOT/<class>/**/<image>``. A ``synthetic`` or ``synthetic:n=400,size=96,seed=0``
     spec generates the built-in H&E-like set into the cache once and reads it.
+
+    Labels (and class folder names) are compared lower-cased and stripped and must be one of
+    `classes` (default benign, malignant). A split CSV that puts one patient in two splits is an
+    error unless `allow_patient_leak` (image-level protocols). ``on_bad="skip"``/``"report"``
+    also decode every image, so files with a valid header but broken pixel data are found.
     """
     probs = _Problems(on_bad)
+    allowed = parse_classes(classes)
     mags = _parse_mags(magnifications)
     spec = str(path)
     if not spec.strip():
@@ -83,7 +101,8 @@ def load_imageset(
         from histoshield.data.synthetic import ensure_synthetic
 
         root = ensure_synthetic(spec)
-        layout, records = "synthetic", _read_csv(root / "manifest.csv", probs, want_split=False)
+        layout = "synthetic"
+        records = _read_csv(root / "manifest.csv", probs, allowed, want_split=False)
         root_dir = root
     else:
         p = Path(spec).expanduser()
@@ -98,14 +117,15 @@ def load_imageset(
                 raise HistoshieldError(
                     f"{p} is a single file, not a dataset; pass its folder or a manifest CSV"
                 )
-            records, layout = _read_csv_any(p, probs)
+            records, layout = _read_csv_any(p, probs, allowed)
             root_dir, source = p.parent, p
         elif (p / "manifest.csv").is_file():
-            records, layout = _read_csv_any(p / "manifest.csv", probs)
+            records, layout = _read_csv_any(p / "manifest.csv", probs, allowed)
             root_dir, source = p, p / "manifest.csv"
         else:
-            records, layout = _scan_folder(p, probs)
+            records, layout = _scan_folder(p, probs, allowed)
             root_dir = p
+    _check_labels(records, allowed, source or root_dir)
     if mags:
         records = _filter_mags(records, mags, root_dir)
     records = _validate_files(records, probs)
@@ -120,7 +140,65 @@ def load_imageset(
             f"only one class ({classes[0]!r}) in {root_dir}: training and splitting need at "
             "least two"
         )
+    if layout == "split":
+        _check_patient_leak(records, source or root_dir, probs, allow_patient_leak)
     return ImageSet(root=root_dir, layout=layout, records=records, problems=probs.items)
+
+
+def normalise_label(label: str) -> str:
+    """A label as compared and stored: surrounding whitespace dropped, lower case."""
+    return label.strip().lower()
+
+
+def parse_classes(classes: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The accepted class names from `--classes benign,malignant` (None: benign, malignant)."""
+    if classes is None:
+        return CLASSES
+    items = classes.split(",") if isinstance(classes, str) else list(classes)
+    names = [normalise_label(str(c)) for c in items]
+    names = [c for c in names if c]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise HistoshieldError(
+            f"--classes needs two or more different class names, e.g. benign,malignant "
+            f"(got {classes!r})"
+        )
+    return tuple(names)
+
+
+def _unknown_label(value: str, allowed: tuple[str, ...], where: str = "") -> str:
+    return (
+        f"label {value!r}{f' ({where})' if where else ''} is not one of the classes "
+        f"{', '.join(allowed)} (pass --classes to accept others)"
+    )
+
+
+def _check_labels(records: list[Record], allowed: tuple[str, ...], source: Path) -> None:
+    """Labels that did not come from a checked CSV row or folder (BreakHis names, synthetic)."""
+    for r in records:
+        if r.label not in allowed:
+            raise HistoshieldError(f"{r.path} in {source}: {_unknown_label(r.label, allowed)}")
+
+
+def _check_patient_leak(records: list[Record], source: Path, probs: _Problems, allow: bool) -> None:
+    """A patient in two splits makes the held-out images depend on training images."""
+    leaked = patient_leaks(records)
+    if not leaked:
+        return
+    first, n_patients = next(iter(leaked)), len({r.patient for r in records if r.patient})
+    what = (
+        f"{source}: {len(leaked)} of {n_patients} patients are in more than one split (e.g. "
+        f"{first} in {', '.join(leaked[first])})"
+    )
+    if allow:
+        probs.note(f"{what}; allowed for an image-level protocol (--allow-patient-leak)")
+    elif probs.on_bad == "report":
+        probs.note(f"{what}: patient leakage between splits")
+    else:
+        raise HistoshieldError(
+            f"{what}: held-out images would share patients with training; split by patient "
+            "(histoshield data split --by patient), or pass --allow-patient-leak for an "
+            "image-level protocol"
+        )
 
 
 def _parse_mags(mags: Iterable[int | str] | None) -> set[int]:
@@ -153,12 +231,16 @@ def _filter_mags(records: list[Record], mags: set[int], root: Path) -> list[Reco
 # ---- folders ----------------------------------------------------------------------------------
 
 
-def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+def _walk(root: Path, probs: _Problems) -> tuple[list[Path], list[Path], list[Path]]:
     """Image files, other non-ignorable files, and every directory under root (sorted)."""
     images: list[Path] = []
     others: list[Path] = []
     dirs: list[Path] = []
-    for cur, dnames, fnames in os.walk(root):
+
+    def unlisted(e: OSError) -> None:  # os.walk drops these folders unless told
+        probs.bad_dir(Path(e.filename or root), f"cannot list folder: {os_error_text(e)}")
+
+    for cur, dnames, fnames in os.walk(root, onerror=unlisted):
         dnames[:] = sorted(d for d in dnames if not d.startswith(".") and d not in _SKIP_DIRS)
         cur_p = Path(cur)
         dirs.append(cur_p)
@@ -171,8 +253,10 @@ def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     return images, others, dirs
 
 
-def _scan_folder(root: Path, probs: _Problems) -> tuple[list[Record], str]:
-    images, others, dirs = _walk(root)
+def _scan_folder(
+    root: Path, probs: _Problems, allowed: tuple[str, ...]
+) -> tuple[list[Record], str]:
+    images, others, dirs = _walk(root, probs)
     for o in others:
         probs.note(f"{o}: not an image file (ignored; accepted: .png .jpg .jpeg .tif)")
     if not images:
@@ -183,7 +267,7 @@ def _scan_folder(root: Path, probs: _Problems) -> tuple[list[Record], str]:
     n_breakhis = sum(looks_like_breakhis(p.stem) for p in images)
     if n_breakhis and n_breakhis * 2 >= len(images):
         return _breakhis_records(root, images, probs), "breakhis"
-    return _class_folder_records(root, images, dirs, probs), "folders"
+    return _class_folder_records(root, images, dirs, probs, allowed), "folders"
 
 
 def _breakhis_records(root: Path, images: list[Path], probs: _Problems) -> list[Record]:
@@ -228,18 +312,31 @@ def _folder_disagreement(parts: tuple[str, ...], meta) -> str | None:
 
 
 def _class_folder_records(
-    root: Path, images: list[Path], dirs: list[Path], probs: _Problems
+    root: Path, images: list[Path], dirs: list[Path], probs: _Problems, allowed: tuple[str, ...]
 ) -> list[Record]:
     by_class: dict[str, list[Path]] = defaultdict(list)
+    folders: dict[str, int] = defaultdict(int)  # top-level folder -> images in it
     for p in images:
         rel = p.relative_to(root).parts
         if len(rel) == 1:
             probs.bad_file(p, "image directly in the data folder, not in a class folder")
             continue
-        by_class[rel[0]].append(p)
+        folders[rel[0]] += 1
+        label = normalise_label(rel[0])
+        if label not in allowed:
+            continue
+        by_class[label].append(p)
+    for name in sorted(folders):
+        if normalise_label(name) not in allowed:
+            # One line for the folder, not one per image; never a class of its own.
+            probs.note(
+                f"{root / name}: class folder {_unknown_label(name, allowed)}; its "
+                f"{folders[name]} images are left out",
+                fatal_when_raising=True,
+            )
     top = [d for d in dirs if d.parent == root]
     for d in top:
-        if d.name not in by_class:
+        if d.name not in folders:
             probs.note(
                 f"{d}: class folder with no images (add images or remove the folder)",
                 fatal_when_raising=True,
@@ -250,25 +347,42 @@ def _class_folder_records(
 # ---- CSV manifests -----------------------------------------------------------------------------
 
 
-def _read_csv_any(path: Path, probs: _Problems) -> tuple[list[Record], str]:
+def _read_csv_any(
+    path: Path, probs: _Problems, allowed: tuple[str, ...]
+) -> tuple[list[Record], str]:
     header = _header(path)
     if "split" in header:
-        return _read_csv(path, probs, want_split=True), "split"
-    return _read_csv(path, probs, want_split=False), "manifest"
+        return _read_csv(path, probs, allowed, want_split=True), "split"
+    return _read_csv(path, probs, allowed, want_split=False), "manifest"
+
+
+def _open_csv(path: Path):
+    # surrogateescape: file names that are not UTF-8 (written so by `write_split`) round-trip
+    # to the same bytes on disk; see histoshield.data.splits.write_split.
+    return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _header(path: Path) -> list[str]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with _open_csv(path) as f:
             row = next(csv.reader(f), None)
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, csv.Error) as e:
         raise HistoshieldError(f"cannot read {path}: {e}") from None
     if not row:
         raise HistoshieldError(f"{path} is empty; a manifest needs a header path,label,...")
-    return [h.strip().lower() for h in row]
+    header = [h.strip().lower() for h in row]
+    dup = sorted({h for h in header if h and header.count(h) > 1})
+    if dup:
+        raise HistoshieldError(
+            f"{path}: column {dup[0]!r} appears {header.count(dup[0])} times in the header; "
+            "keep one"
+        )
+    return header
 
 
-def _read_csv(path: Path, probs: _Problems, *, want_split: bool) -> list[Record]:
+def _read_csv(
+    path: Path, probs: _Problems, allowed: tuple[str, ...], *, want_split: bool
+) -> list[Record]:
     """Rows `path,label[,patient,subtype,magnification,split]`; paths relative to the CSV."""
     header = _header(path)
     missing = [c for c in ("path", "label") + (("split",) if want_split else ()) if c not in header]
@@ -280,7 +394,7 @@ def _read_csv(path: Path, probs: _Problems, *, want_split: bool) -> list[Record]
     base = path.parent
     records: list[Record] = []
     seen: set[Path] = set()
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _open_csv(path) as f:
         reader = csv.reader(f)
         next(reader)
         for lineno, row in enumerate(reader, start=2):
@@ -301,6 +415,10 @@ def _read_csv(path: Path, probs: _Problems, *, want_split: bool) -> list[Record]
             if not d["label"]:
                 probs.bad_file(fp, f"no label ({where})")
                 continue
+            label = normalise_label(d["label"])
+            if label not in allowed:
+                probs.bad_file(fp, _unknown_label(d["label"], allowed, f"{path} line {lineno}"))
+                continue
             if not fp.is_file():
                 probs.bad_file(fp, f"listed in {where} but the file does not exist")
                 continue
@@ -315,7 +433,7 @@ def _read_csv(path: Path, probs: _Problems, *, want_split: bool) -> list[Record]
                 continue
             rec = Record(
                 fp,
-                d["label"],
+                label,
                 d.get("patient") or None,
                 normalise_subtype(d.get("subtype")),
                 mag,
@@ -362,24 +480,34 @@ def _merge_breakhis_name(rec: Record) -> tuple[Record, str | None]:
 
 
 def _validate_files(records: list[Record], probs: _Problems) -> list[Record]:
-    """Header-level check of every image (threads: PIL and file reads release the GIL)."""
+    """Check every image (threads: PIL and file reads release the GIL).
+
+    A strict load checks headers only (a broken file then stops decoding with its name); when
+    bad files are to be skipped or reported every image is decoded, since a file can pass the
+    header check and still fail to decode, and skipping must happen before arrays are built.
+    """
     records = [r for r in records if r.path not in probs.bad]
+    decode = probs.on_bad != "raise"
+    ok_dir = _decoded_ok_dir() if decode else None
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        results = list(ex.map(lambda r: check_image(r.path), records))
+        results = list(
+            ex.map(lambda r: check_image(r.path, decode=decode, decoded_ok=ok_dir), records)
+        )
     for r, problem in zip(records, results, strict=True):
         if problem:
             probs.bad_file(r.path, problem)
     return [r for r in records if r.path not in probs.bad]
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _decoded_ok_dir() -> Path:
+    """Markers of file contents that decoded, per PIL version and check size (in the cache)."""
+    import PIL
+
+    from histoshield.data.arrays import cache_root
+    from histoshield.data.images import CHECK_SIZE
+
+    return cache_root() / "decoded-ok" / f"pil{PIL.__version__}-{CHECK_SIZE}"
 
 
 def _check_duplicates(records: list[Record], probs: _Problems) -> None:
@@ -391,7 +519,7 @@ def _check_duplicates(records: list[Record], probs: _Problems) -> None:
     for group in by_size.values():
         if len(group) > 1:
             for r in group:
-                by_hash[sha256_of(r.path)].append(r)
+                by_hash[content_digest(r.path)].append(r)
     for digest, group in sorted(by_hash.items()):
         if len(group) < 2:
             continue

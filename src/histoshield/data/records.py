@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,14 @@ class ImageSet:
     def subset(self, split: str) -> list[Record]:
         """Records of one split (train / val / test)."""
         return [r for r in self.records if r.split == split]
+
+
+def patient_leaks(records: Iterable[Record]) -> dict[str, list[str]]:
+    """{patient: its splits in train/val/test order} for every patient in more than one split."""
+    splits: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        if r.patient and r.split:
+            splits[r.patient].add(r.split)
+    return {
+        p: [s for s in SPLIT_NAMES if s in got] for p, got in sorted(splits.items()) if len(got) > 1
+    }

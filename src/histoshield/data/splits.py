@@ -12,14 +12,15 @@ import csv
 import io
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from histoshield.data.breakhis import patient_group
-from histoshield.data.records import ImageSet, Record
+from histoshield.data.records import ImageSet, Record, patient_leaks
 from histoshield.errors import HistoshieldError
-from histoshield.runtime import write_text
+from histoshield.runtime import atomic_write
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ("path", "label", "split", "patient", "subtype", "magnification")
@@ -42,6 +43,11 @@ def _check_fractions(val: float, test: float) -> None:
             raise HistoshieldError(f"--{name} must be a fraction in [0, 1), got {f}")
     if val + test >= 1:
         raise HistoshieldError(f"--val + --test must be below 1 (got {val} + {test})")
+    if val == 0 and test == 0:
+        raise HistoshieldError(
+            "--val 0 --test 0 puts every image in train, leaving nothing to validate or test "
+            "on: use e.g. --val 0.1 --test 0.1"
+        )
 
 
 def make_split(
@@ -84,6 +90,12 @@ def make_split(
     else:
         assign = _image_split(records, val, test, seed)
     out = [r.with_split(assign[i]) for i, r in enumerate(records)]
+    leaked = patient_leaks(out)
+    if leaked:  # said once here, so nobody is surprised when training asks for the flag
+        problems.append(
+            f"image-level split: {len(leaked)} patients have images in more than one split; "
+            "training and evaluating on it need --allow-patient-leak (or split_by: image)"
+        )
     return ImageSet(imageset.root, imageset.layout, out, problems)
 
 
@@ -235,7 +247,11 @@ def _patients_per_split(imageset: ImageSet) -> dict[str, int] | None:
 
 
 def write_split(path: str | Path, imageset: ImageSet) -> Path:
-    """Write `path,label,split,patient,subtype,magnification` (paths relative to the CSV)."""
+    """Write `path,label,split,patient,subtype,magnification` (paths relative to the CSV).
+
+    UTF-8; a file name that is not valid UTF-8 is written as its raw bytes (surrogateescape),
+    which `load_imageset` reads back to the same name on disk.
+    """
     path = Path(path).expanduser().resolve()
     unsplit = [r for r in imageset.records if r.split not in SPLITS]
     if unsplit:
@@ -254,7 +270,8 @@ def write_split(path: str | Path, imageset: ImageSet) -> Path:
                 r.magnification if r.magnification is not None else "",
             ]
         )
-    return write_text(path, buf.getvalue())
+    data = buf.getvalue().encode("utf-8", errors="surrogateescape")
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _rel(p: Path, base: Path) -> str:
@@ -265,8 +282,17 @@ def _rel(p: Path, base: Path) -> str:
         return str(p)
 
 
-def read_split(path: str | Path, *, on_bad: str = "raise") -> ImageSet:
-    """Read a split CSV written by `write_split` (every row must have a train/val/test split)."""
+def read_split(
+    path: str | Path,
+    *,
+    on_bad: str = "raise",
+    classes: Sequence[str] | str | None = None,
+    allow_patient_leak: bool = False,
+) -> ImageSet:
+    """Read a split CSV written by `write_split` (every row must have a train/val/test split).
+
+    `classes` and `allow_patient_leak` as in `load_imageset`.
+    """
     from histoshield.data.layouts import load_imageset
 
     p = Path(path).expanduser()
@@ -274,7 +300,7 @@ def read_split(path: str | Path, *, on_bad: str = "raise") -> ImageSet:
         raise HistoshieldError(
             f"split file not found: {p} (write one with `histoshield data split`)"
         )
-    ims = load_imageset(p, on_bad=on_bad)
+    ims = load_imageset(p, on_bad=on_bad, classes=classes, allow_patient_leak=allow_patient_leak)
     if ims.layout != "split":
         raise HistoshieldError(f"{p} has no 'split' column; is it a split CSV from `data split`?")
     return ims

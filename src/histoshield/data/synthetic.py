@@ -93,23 +93,34 @@ def synthesize(out: str | Path, n: int = 400, size: int = 96, seed: int = 0) -> 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HistoshieldError(f"{out} already exists and is not empty; choose a new --out folder")
-    plan = _plan(n, seed)
-    labels, patients = plan.labels, plan.patients
-    tiles = np.concatenate(
-        [_render_chunk(size, plan, slice(i, i + _CHUNK), seed) for i in range(0, n, _CHUNK)]
-    )
-    for c in ("benign", "malignant"):
-        (out / c).mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
     records = []
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "patient", "subtype", "magnification"])
-    for i in range(n):
-        rel = f"{labels[i]}/{labels[i]}_{i:04d}.png"
-        Image.fromarray(tiles[i]).save(out / rel, compress_level=1)
-        w.writerow([rel, labels[i], patients[i], "", ""])
-        records.append(Record((out / rel).resolve(), labels[i], patients[i]))
-    (out / "manifest.csv").write_text(buf.getvalue(), encoding="utf-8")
+    try:
+        for c in ("benign", "malignant"):  # first: an unwritable --out fails before rendering
+            (out / c).mkdir(parents=True, exist_ok=True)
+        plan = _plan(n, seed)
+        labels, patients = plan.labels, plan.patients
+        tiles = np.concatenate(
+            [_render_chunk(size, plan, slice(i, i + _CHUNK), seed) for i in range(0, n, _CHUNK)]
+        )
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label", "patient", "subtype", "magnification"])
+        for i in range(n):
+            rel = f"{labels[i]}/{labels[i]}_{i:04d}.png"
+            Image.fromarray(tiles[i]).save(out / rel, compress_level=1)
+            w.writerow([rel, labels[i], patients[i], "", ""])
+            records.append(Record((out / rel).resolve(), labels[i], patients[i]))
+        (out / "manifest.csv").write_text(buf.getvalue(), encoding="utf-8")
+    except BaseException as e:  # full disk, Ctrl-C...: a half-written set must not look whole
+        shutil.rmtree(out if created else out / "benign", ignore_errors=True)
+        if not created:
+            shutil.rmtree(out / "malignant", ignore_errors=True)
+        if isinstance(e, OSError):
+            from histoshield.runfolder import os_error
+
+            raise os_error(e, out) from None
+        raise
     return ImageSet(out.resolve(), "synthetic", records, [])
 
 

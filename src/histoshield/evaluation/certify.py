@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,6 +187,7 @@ def certify_checkpoint(
     device: str = "auto",
     out: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint and a split subset, certify it, and write the report when `out` is set.
 
@@ -195,13 +195,27 @@ def certify_checkpoint(
     checkpoint (its training run's split); else `data` is split with the checkpoint's settings.
     """
     from histoshield.defenses.smoothing import check_settings
+
+    if not 0 < sigma <= 1:  # NaN fails this too
+        raise HistoshieldError(
+            f"--sigma must be in (0, 1] (noise std in [0,1] pixel units), got {sigma:g}"
+        )
+    check_settings(n=n, n0=n0, alpha=alpha, batch=batch)  # before minutes of loading data
+    if out is None:
+        return _certify(checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed,
+                        device, None, progress)  # fmt: skip
+    from histoshield.runfolder import claim
+
+    with claim(out, "certify", overwrite=overwrite):  # writable and ours, before computing
+        return _certify(checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed,
+                        device, out, progress)  # fmt: skip
+
+
+def _certify(
+    checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed, device, out, progress
+) -> dict[str, Any]:
     from histoshield.evaluation.predict import degenerate_check, load_eval_data
 
-    if not sigma > 0 or not math.isfinite(sigma):
-        raise HistoshieldError(f"--sigma must be > 0 (got {sigma})")
-    check_settings(n=n, n0=n0, alpha=alpha, batch=batch)  # before minutes of loading data
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise HistoshieldError(f"--out {out} is an existing file; pass a folder for the results")
     ckpt = Path(checkpoint)
     ev = load_eval_data(
         ckpt,

@@ -203,7 +203,15 @@ def check_attack(
 
     check_steps(batch_size, "--batch-size")
     stand_in = model if model is not None else nn.Identity()
-    create(attack, stand_in, eps=eps_values[0], batch_size=batch_size, **(params or {}), **kwargs)
+    atk = create(
+        attack, stand_in, eps=eps_values[0], batch_size=batch_size, **(params or {}), **kwargs
+    )
+    big = [e for e in eps_values if e > 1]
+    if big and atk.norm == "linf":  # an L2 radius may exceed 1; an L∞ one never can
+        raise HistoshieldError(
+            f"eps {big[0]:g} is above 1 for the L∞ attack {attack!r}: eps is in pixel units "
+            f"[0, 1]; did you mean {big[0]:g}/255?"
+        )
 
 
 def select(

@@ -85,6 +85,8 @@ def load_records(
     unsplit: str = "all",
     config: dict[str, Any] | None = None,
     skip_bad: bool = False,
+    classes: list[str] | str | None = None,
+    allow_patient_leak: bool = False,
 ) -> tuple[list[Record], str, str]:
     """Records of `subset` for a checkpoint, with the subset used and their source.
 
@@ -93,6 +95,9 @@ def load_records(
     whole (`unsplit="all"`, subset becomes "all") or split again with the training run's
     settings from `config` (`unsplit="resplit"`, which reproduces the run's split of that data).
     Bad image files stop the load unless `skip_bad`; skipped files are warned about on stderr.
+    `classes` are the accepted labels (default: the checkpoint's, from `config`). A split CSV
+    with a patient in two splits is refused unless `allow_patient_leak` or the training run
+    allowed it (`allow_patient_leak` or `split_by: image` in `config`).
     """
     from histoshield import data as hd
 
@@ -101,18 +106,26 @@ def load_records(
     if unsplit not in ("all", "resplit"):
         raise HistoshieldError(f"unknown unsplit rule {unsplit!r}: use 'all' or 'resplit'")
     run_split = Path(checkpoint).expanduser().parent / "split.csv"
-    on_bad = "skip" if skip_bad else "raise"
+    cfg = config or {}
+    kw = {
+        "on_bad": "skip" if skip_bad else "raise",
+        "classes": classes if classes is not None else cfg.get("classes"),
+        "allow_patient_leak": bool(
+            allow_patient_leak or cfg.get("allow_patient_leak") or cfg.get("split_by") == "image"
+        ),
+    }
     if split is not None:
         sp = Path(split).expanduser()
         if not sp.is_file():
             raise HistoshieldError(
                 f"split file not found: {sp} (pass the split.csv of the training run)"
             )
-        iset, source = hd.read_split(sp, on_bad=on_bad), str(sp)
+        own = run_split.is_file() and sp.resolve() == run_split.resolve()
+        iset = hd.read_split(sp, **{**kw, "allow_patient_leak": kw["allow_patient_leak"] or own})
+        source = str(sp)
     elif data is not None:
-        iset, source = hd.load_imageset(data, on_bad=on_bad), str(data)
+        iset, source = hd.load_imageset(data, **kw), str(data)
         if unsplit == "resplit" and not any(r.split for r in iset.records):
-            cfg = config or {}
             iset = hd.make_split(
                 iset,
                 by=cfg.get("split_by", "auto"),
@@ -121,7 +134,9 @@ def load_records(
                 seed=cfg.get("seed", 0),
             )
     elif run_split.is_file():
-        iset, source = hd.read_split(run_split, on_bad=on_bad), str(run_split)
+        # The run's own split was accepted (or made) when it trained.
+        iset = hd.read_split(run_split, **{**kw, "allow_patient_leak": True})
+        source = str(run_split)
     else:
         raise HistoshieldError(
             f"no data to evaluate: pass --split (e.g. {run_split}) or --data PATH"
@@ -151,12 +166,15 @@ def load_eval_data(
     skip_bad: bool = False,
     device: torch.device | str = "auto",
     progress: bool = False,
+    classes: list[str] | str | None = None,
+    allow_patient_leak: bool = False,
 ) -> EvalData:
     """Model, images and labels for evaluating a checkpoint on a subset of its data.
 
     `only` keeps one class, `exclude` drops one (e.g. an attack's target class), `limit` keeps
     the first N after that; only the kept images are decoded (at the model's input size, 224
-    for size-agnostic models). Source rules as in `load_records`.
+    for size-agnostic models). Source rules as in `load_records`; accepted labels default to
+    the model's classes.
     """
     from histoshield.runtime import pick_device
 
@@ -164,7 +182,7 @@ def load_eval_data(
         raise HistoshieldError(f"--limit must be >= 1, got {limit}")
     dev = pick_device(device) if isinstance(device, str) else device
     model = load_model(checkpoint, dev)
-    classes = list(model.classes)
+    model_classes = list(model.classes)
     config = (getattr(model, "meta", None) or {}).get("config") or {}
     records, used, source = load_records(
         checkpoint,
@@ -174,7 +192,10 @@ def load_eval_data(
         unsplit=unsplit,
         config=config,
         skip_bad=skip_bad,
+        classes=classes if classes is not None else model_classes,
+        allow_patient_leak=allow_patient_leak,
     )
+    classes = model_classes
     unknown = sorted({r.label for r in records} - set(classes))
     if unknown:
         raise HistoshieldError(
@@ -254,6 +275,8 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     skip_bad: bool = False,
     device: str = "auto",
+    classes: list[str] | str | None = None,
+    allow_patient_leak: bool = False,
 ) -> dict[str, Any]:
     """Clinical metrics of a checkpoint on one subset of a split (or all of a data set)."""
     from histoshield.evaluation.metrics import classification_metrics, degenerate_reason
@@ -266,6 +289,8 @@ def evaluate_checkpoint(
         only=only,
         skip_bad=skip_bad,
         device=device,
+        classes=classes,
+        allow_patient_leak=allow_patient_leak,
     )
     model, x, y, classes, dev = ev.model, ev.x, ev.y.numpy(), ev.classes, ev.device
     if purify:
@@ -273,6 +298,7 @@ def evaluate_checkpoint(
 
         model = purify_mod.wrap(model, purify)
     prob = predict_proba(model, x, batch_size=batch_size, device=dev)
+    _require_finite(prob, checkpoint, [str(r.path) for r in ev.records])
     degenerate = degenerate_reason(y, prob.argmax(1), classes)
     patients = [r.patient for r in ev.records]
     pos = classes.index("malignant") if "malignant" in classes else len(classes) - 1
@@ -296,23 +322,61 @@ def evaluate_checkpoint(
     }
 
 
+def _image_paths(images: list[str | Path], skip_bad: bool) -> list[Path]:
+    """Files as given and the image files inside given folders (sorted); missing ones refused
+    (or skipped with a warning under `skip_bad`)."""
+    from histoshield.data.images import is_image_file
+
+    paths: list[Path] = []
+    for item in images:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise HistoshieldError(f"{p} is a folder with no image files; pass images")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        elif skip_bad:
+            print(f"warning: skipped {p}: image not found", file=sys.stderr)
+        else:
+            raise HistoshieldError(f"image not found: {p} (pass existing image files or folders)")
+    return paths
+
+
 def predict_images(
-    images: list[str | Path], checkpoint: str | Path, *, device: str = "auto"
+    images: list[str | Path],
+    checkpoint: str | Path,
+    *,
+    device: str = "auto",
+    skip_bad: bool = False,
 ) -> list[dict[str, Any]]:
-    """Class and probability for each image file."""
+    """Class and probability for each image file (folders: every image inside). With
+    `skip_bad`, unreadable files are skipped with a warning on stderr instead of stopping."""
     from histoshield.data.images import read_rgb
     from histoshield.runtime import pick_device
 
     dev = pick_device(device)
-    paths = [Path(p).expanduser() for p in images]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise HistoshieldError(f"image not found: {missing[0]} (pass existing image files)")
+    paths = _image_paths(images, skip_bad)
     model = load_model(checkpoint, dev)
     size = model.image_size or 224
-    arr = np.stack([read_rgb(p, size) for p in paths])
+    arrays, kept = [], []
+    for p in paths:
+        try:
+            arrays.append(read_rgb(p, size))
+        except HistoshieldError as e:
+            if not skip_bad:
+                raise
+            print(f"warning: skipped {p}: {e}", file=sys.stderr)
+            continue
+        kept.append(p)
+    if not kept:
+        raise HistoshieldError("no readable image to predict: every file was skipped")
+    paths = kept
+    arr = np.stack(arrays)
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
     prob = predict_proba(model, x, device=dev)
+    _require_finite(prob, checkpoint, [str(p) for p in paths])
     out = []
     for p, pr in zip(paths, prob, strict=True):
         k = int(pr.argmax())
@@ -325,6 +389,16 @@ def predict_images(
             }
         )
     return out
+
+
+def _require_finite(prob: torch.Tensor, checkpoint: str | Path, names: list[str]) -> None:
+    """A NaN probability is not a prediction: refuse instead of printing 'benign nan'."""
+    bad = (~torch.isfinite(prob).all(dim=1)).nonzero().flatten().tolist() if prob.numel() else []
+    if bad:
+        raise HistoshieldError(
+            f"{checkpoint} gives NaN or infinite outputs for {len(bad)} of {len(names)} images "
+            f"(first: {names[bad[0]]}): its weights overflow; retrain with a lower --lr"
+        )
 
 
 def _fmt(v: Any) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,20 +211,18 @@ def attack_checkpoint(
     skip_bad: bool = False,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
+    figures: Callable[[dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """`histoshield attack`: load checkpoint and data, check the model is not degenerate, run
     the harness and the self-checks, and write config.yaml, env.json and results.json into a
-    run folder (figures: `report.attack.write_attack_figures`)."""
-    import yaml
-
+    run folder (held with `runfolder.claim`: another kind of run, or a finished attack without
+    `overwrite`, refused). `figures(result)` runs inside the claim (the CLI passes
+    `report.attack.write_attack_figures`)."""
     from histoshield.attacks import parse_eps
-    from histoshield.evaluation.predict import (
-        degenerate_check,
-        filter_records,
-        load_eval_data,
-        load_model,
-    )
-    from histoshield.runtime import environment, seed_everything, write_json, write_text
+    from histoshield.evaluation.predict import load_model
+    from histoshield.runfolder import claim
+    from histoshield.runtime import pick_device, seed_everything
 
     eps_values = parse_eps(eps)
     check_attack(attack, eps_values, params, batch_size=batch_size)
@@ -236,6 +234,41 @@ def attack_checkpoint(
         )
     if limit is not None and limit < 1:
         raise HistoshieldError(f"--limit must be >= 1, got {limit}")
+    if out is None:
+        out = Path("runs") / f"attack-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out)
+    dev = pick_device(device)
+    # before any image is decoded: a bad --transfer-to or an unwritable --out costs no minutes
+    other = load_model(transfer_to, dev) if transfer_to is not None else None
+    if other is not None:
+        classes = list(load_model(checkpoint, "cpu").classes)
+        if list(other.classes) != classes:
+            raise HistoshieldError(
+                f"--transfer-to {transfer_to} has classes {list(other.classes)}, {checkpoint} "
+                f"has {classes}: transfer needs the same classes"
+            )
+    with claim(out, "attack", overwrite=overwrite):
+        result = _attack_run(
+            checkpoint, attack=attack, eps_values=eps_values, data=data, split=split,
+            subset=subset, params=params, only=only, target=target, transfer_to=transfer_to,
+            other=other, purify=purify, save_examples=save_examples, out=out,
+            batch_size=batch_size, limit=limit, seed=seed, skip_bad=skip_bad, device=dev,
+            progress=progress,
+        )  # fmt: skip
+        if figures is not None:
+            figures(result)
+        return result
+
+
+def _attack_run(
+    checkpoint, *, attack, eps_values, data, split, subset, params, only, target, transfer_to,
+    other, purify, save_examples, out, batch_size, limit, seed, skip_bad, device, progress,
+) -> dict[str, Any]:  # fmt: skip
+    import yaml
+
+    from histoshield.evaluation.predict import degenerate_check, filter_records, load_eval_data
+    from histoshield.runtime import environment, write_json, write_text
+
     # The whole subset is loaded: whether a model is degenerate (e.g. says "malignant" for
     # everything) cannot be seen on the malignant images alone, which such a model gets right.
     ev = load_eval_data(
@@ -243,12 +276,6 @@ def attack_checkpoint(
         progress=progress,
     )  # fmt: skip
     model, classes, dev, used = ev.model, ev.classes, ev.device, ev.subset
-    other = load_model(transfer_to, dev) if transfer_to is not None else None
-    if other is not None and list(other.classes) != classes:
-        raise HistoshieldError(
-            f"--transfer-to {transfer_to} has classes {list(other.classes)}, {checkpoint} has "
-            f"{classes}: transfer needs the same classes"
-        )
     if purify:
         from histoshield.defenses import purify as purify_mod
 
@@ -265,9 +292,6 @@ def attack_checkpoint(
         what += f" not of class {target!r}" if target else ""
         raise HistoshieldError(f"no images to evaluate in subset {used!r} of {ev.source}{what}")
     x, y = ev.x[idx], ev.y[idx]
-    if out is None:
-        out = Path("runs") / f"attack-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(out)
     config = {
         "checkpoint": str(checkpoint),
         "attack": attack,

@@ -54,21 +54,22 @@ def safe_torch_load(path: str | Path, what: str = "file", map_location: str = "c
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = str(e).strip().splitlines()
-        detail = next((ln for ln in lines if "GLOBAL" in ln), "")
-        if not detail:  # "Unsupported operand": not a torch.save file at all (text, raw pickle)
+        import re
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found:  # "Unsupported operand": not a torch.save file at all (text, raw pickle)
             raise HistoshieldError(
                 f"cannot read {what} {path}: not a file written by torch.save"
             ) from None
         raise HistoshieldError(
-            f"refusing {what} {path}: it needs unpickling arbitrary code, which histoshield never "
-            f"does ({detail.strip()}); re-save it as a plain state_dict"
+            f"refusing {what} {path}: it needs unpickling code ({found.group(1)}), which "
+            "histoshield never does; re-save it as a plain state_dict"
         ) from None
-    except Exception as e:  # the unpickler raises many types (IndexError, EOFError, ...) on junk
-        # torch's messages run to several sentences; the first says what went wrong.
-        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+    except Exception:  # the unpickler raises many types (IndexError, EOFError, ...) on junk
+        # torch's own wording (PytorchStreamReader, zip central directory...) helps nobody here
         raise HistoshieldError(
-            f"cannot read {what} {path}: corrupt or not a torch file ({msg or type(e).__name__})"
+            f"cannot read {what} {path}: the file is truncated or corrupt, or not a torch file; "
+            "use an intact best.pt/last.pt"
         ) from None
 
 

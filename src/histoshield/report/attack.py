@@ -3,6 +3,7 @@ triplets with a Figure-6-style panel, drawn from the harness result (`attack_che
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from histoshield.errors import HistoshieldError
 from histoshield.evaluation.robustness import N_EXAMPLES
 
 
@@ -141,14 +143,18 @@ def write_attack_figures(
         result["curve_png"] = str(plot_curves(rows, Path(out) / "robustness.png", title=title))
     if examples_dir is not None:
         for ex in result.get("examples", []):
-            save_example_images(
-                Path(examples_dir) / f"eps_{ex['eps'] * 255:g}-255",
-                ex["x"],
-                ex["adv"],
-                ex["p_clean"],
-                ex["p_adv"],
-                ex["y"],
-                ex["classes"],
-                title=ex["title"],
-            )
+            try:
+                save_example_images(
+                    Path(examples_dir) / f"eps_{ex['eps'] * 255:g}-255",
+                    ex["x"],
+                    ex["adv"],
+                    ex["p_clean"],
+                    ex["p_adv"],
+                    ex["y"],
+                    ex["classes"],
+                    title=ex["title"],
+                )
+            except HistoshieldError as e:  # a failed PNG must not cost the numbers
+                result.setdefault("examples_errors", []).append(str(e))
+                print(f"warning: example images not saved: {e}", file=sys.stderr)
     return result

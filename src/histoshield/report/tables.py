@@ -237,7 +237,8 @@ def table3_attack(results: dict[str, Any]) -> Table:
     note = (
         f"{str(t3.get('attack', 'fgsm')).upper()} at eps = {eps_label(t3)} on {subset} test "
         "images (the paper's protocol, columns 2-6); the other classes attacked the same way "
-        "(with two classes: the targeted attack of Table 3b) and the balanced rate (mean over classes) beside them, so a model that always answers "
+        "(with two classes: the targeted attack of Table 3b) and the balanced rate (mean over "
+        "classes) beside them, so a model that always answers "
         f"'{only or 'one class'}' cannot look robust. Worst case: an image counts as robust only "
         "if every attack run at this eps in the robustness curves failed on it. The paper does "
         "not state its eps; this one is the study's configured value."

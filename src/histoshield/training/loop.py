@@ -252,8 +252,9 @@ def _prepare_split(cfg: TrainConfig, out: Path, resume: bool):
     from histoshield import data as hd
 
     saved = out / "split.csv"
-    if resume and saved.is_file():
-        return hd.read_split(saved)
+    labels = {"classes": cfg.classes, "allow_patient_leak": cfg.leak_allowed}
+    if resume and saved.is_file():  # the run's own split, accepted when the run started
+        return hd.read_split(saved, classes=cfg.classes, allow_patient_leak=True)
     if cfg.split:
         p = Path(cfg.split).expanduser()
         if not p.is_file():
@@ -261,9 +262,11 @@ def _prepare_split(cfg: TrainConfig, out: Path, resume: bool):
                 f"split file not found: {p} (write one with `histoshield data split` or omit "
                 "--split to make one)"
             )
-        return hd.read_split(p)
+        return hd.read_split(p, **labels)
     on_bad = "skip" if cfg.skip_bad else "raise"
-    iset = hd.load_imageset(cfg.data, magnifications=cfg.magnification or None, on_bad=on_bad)
+    iset = hd.load_imageset(
+        cfg.data, magnifications=cfg.magnification or None, on_bad=on_bad, **labels
+    )
     if all(r.split in ("train", "val", "test") for r in iset.records):
         return iset  # the data path was itself a split CSV
     return hd.make_split(iset, by=cfg.split_by, val=cfg.val, test=cfg.test, seed=cfg.seed)
@@ -310,11 +313,14 @@ def train(
         raise HistoshieldError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    ctx = D.setup(cfg.device)
-    try:
-        return _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt)
-    finally:
-        ctx.close()
+    from histoshield.runfolder import claim
+
+    with claim(out, "train", resume=resume):
+        ctx = D.setup(cfg.device)
+        try:
+            return _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt)
+        finally:
+            ctx.close()
 
 
 def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -> dict[str, Any]:
@@ -405,6 +411,21 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
         lr = opt.param_groups[0]["lr"]
         tr = _train_epoch(stepper, train_d, cfg, augment, g_perm, g_aug, epoch, show)
         va = _validate(stepper, val_d, cfg, defense if adversarial else None)
+        diverged = _nonfinite(tr, va, model)
+        if diverged:  # keep the last finite checkpoints: nothing of this epoch is saved
+            if best_epoch == 0:
+                raise HistoshieldError(
+                    f"training diverged in epoch {epoch} ({diverged}) before any checkpoint "
+                    f"was written; lower --lr (now {cfg.lr:g})"
+                )
+            stopped = (
+                f"training diverged in epoch {epoch} ({diverged}); stopped, keeping last.pt of "
+                f"epoch {epoch - 1} and best.pt of epoch {best_epoch}; lower --lr (now "
+                f"{cfg.lr:g}) to go further"
+            )
+            if ctx.is_main:
+                print(f"warning: {stopped}", file=sys.stderr)
+            break
         if sched is not None:
             sched.step()
         seconds = time.time() - t0
@@ -497,6 +518,17 @@ def _train(cfg, out, resume, defense, progress, ctx, models, last_pt, best_pt) -
         )
     ctx.barrier()
     return results
+
+
+def _nonfinite(tr: dict[str, float], va: dict[str, float], model: nn.Module) -> str | None:
+    """Why this epoch's model is unusable (a NaN/inf loss or weight), or None."""
+    from histoshield.models.checkpoint import first_nonfinite
+
+    for what, v in (("training loss", tr["loss"]), ("validation loss", va["loss"])):
+        if not math.isfinite(v):
+            return f"{what} {v}"
+    bad = first_nonfinite(model.state_dict())
+    return None if bad is None else f"weight {bad} is not finite"
 
 
 def _plot(history: list[dict[str, Any]], out: Path, cfg: TrainConfig) -> None:
