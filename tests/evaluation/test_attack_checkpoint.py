@@ -222,12 +222,12 @@ def test_constant_model_is_flagged_in_evaluate_attack_and_certify(run, tmp_path,
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, 10.0]))
-    ckpt = tmp_path / "constant.pt"
+    ckpt = root / "constant.pt"  # beside the run's own split.csv
     models.save_checkpoint(ckpt, model)
-    split = ["--split", str(root / "split.csv"), "--subset", "all"]
+    split = ["--subset", "all"]
 
-    code, out, _ = run_cli(capsys, "evaluate", "-c", str(ckpt), *split)
-    assert code == 0 and out.startswith("warning: the model predicts malignant for 100%")
+    code, out, err = run_cli(capsys, "evaluate", "-c", str(ckpt), *split)
+    assert code == 0 and out.startswith("warning: the model predicts malignant for 100%"), err
     code, out, _ = run_cli(capsys, "evaluate", "-c", str(ckpt), *split, "--json")
     assert "not meaningful" in json.loads(out)["degenerate"]
 
