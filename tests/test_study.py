@@ -32,7 +32,16 @@ TINY = {
     "certify": {"n0": 10, "n": 40, "limit": 8},
     "batch_size": 32,
 }
-VOLATILE = {"seconds", "train_seconds", "wall_seconds", "timings", "total_seconds", "env", "time"}
+VOLATILE = {
+    "seconds",
+    "images_per_second",
+    "train_seconds",
+    "wall_seconds",
+    "timings",
+    "total_seconds",
+    "env",
+    "time",
+}
 
 
 def _tiny(tmp: Path) -> Path:
