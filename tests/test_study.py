@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import histoshield.study as S
@@ -31,7 +32,16 @@ TINY = {
     "certify": {"n0": 10, "n": 40, "limit": 8},
     "batch_size": 32,
 }
-VOLATILE = {"seconds", "train_seconds", "wall_seconds", "timings", "total_seconds", "env", "time"}
+VOLATILE = {
+    "seconds",
+    "images_per_second",
+    "train_seconds",
+    "wall_seconds",
+    "timings",
+    "total_seconds",
+    "env",
+    "time",
+}
 
 
 def _tiny(tmp: Path) -> Path:
@@ -92,9 +102,16 @@ def test_study_writes_report_with_the_papers_tables(tiny_run: Path) -> None:
     assert {(r[0], r[1]) for r in curves} == {
         (m, a) for m in ("original", "gaussian") for a in TINY["curve_attacks"]
     }
+    assert {r[2] for r in curves if r[1] == "fgsm"} == {"FGSM, single step (weak)"}
     # eps = 0 is the clean accuracy, so the curve's first column equals Table 2's accuracy
     t2 = {r[0]: r[2] for r in table_rows(md, "Table 2.")}
-    assert all(r[2] == t2[r[0]] for r in curves)
+    assert all(r[3] == t2[r[0]] for r in curves)
+    worst = table_rows(md, "Robust accuracy: worst case over all attacks (headline)")
+    assert [r[:2] for r in worst[:2]] == [
+        ["original", "robust accuracy"],
+        ["original", "balanced robust accuracy"],
+    ]
+    assert [r[0] for r in table_rows(md, "Table 3b. False alarms")] == ["original", "gaussian"]
     assert table_rows(md, "Certified accuracy (L2")
     assert table_rows(md, "Transfer attacks")[0][:2] == ["original", "gaussian"]
     assert "## Sanity-check warnings" in md and results["sanity"]
@@ -228,3 +245,100 @@ def test_cli_study_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     assert "config file not found" in str(res.exception)
     res = CliRunner().invoke(app, ["study", "--help"])
     assert res.exit_code == 0 and "--resume" in res.output
+
+
+def _test_tensors(run: Path):
+    """The tiny study's test images and labels, read independently of the study code."""
+    from histoshield.data import labels_of, load_arrays, read_split, to_float
+
+    iset = read_split(run / "split.csv")
+    recs = iset.subset("test")
+    x = to_float(load_arrays(recs, TINY["train"]["image_size"], progress=False))
+    return x, torch.as_tensor(labels_of(recs, iset.classes)), iset.classes
+
+
+def test_table3_balanced_and_worst_case_match_a_hand_count(tiny_run: Path) -> None:
+    from histoshield import attacks
+    from histoshield.models import load_checkpoint
+
+    r = json.loads((tiny_run / "results.json").read_text())
+    x, y, classes = _test_tensors(tiny_run)
+    mal, ben = classes.index("malignant"), classes.index("benign")
+    model = load_checkpoint(tiny_run / "original" / "best.pt")
+    kw = {"eps": r["table3"]["eps"], "seed": TINY["seed"], "batch_size": TINY["batch_size"]}
+    adv_m = attacks.run("fgsm", model, x[y == mal], y[y == mal], **kw)
+    adv_b = attacks.run("fgsm", model, x[y == ben], y[y == ben], target=mal, **kw)
+    with torch.no_grad():
+        ok_m = int((model(adv_m).argmax(1) == mal).sum())
+        ok_b = int((model(adv_b).argmax(1) == ben).sum())
+    n_m, n_b = int((y == mal).sum()), int((y == ben).sum())
+    row = r["table3"]["rows"]["original"]
+    assert (row["adv_correct"], row["n"]) == (ok_m, n_m)
+    assert row["classes"]["benign"]["adv_correct"] == ok_b
+    assert row["balanced_adversarial_accuracy"] == pytest.approx((ok_m / n_m + ok_b / n_b) / 2)
+    alarm = r["table3"]["false_alarms"]["original"]
+    assert alarm["false_alarms"] == n_b - ok_b and alarm["target"] == "malignant"
+    # the worst case is the per-image AND of the curve attacks, never above any single one
+    for w in r["worst_case"]:
+        same = [c for c in r["curves"] if c["model"] == w["model"] and c["eps"] == w["eps"]]
+        assert {c["attack"] for c in same} == set(w["attacks"]) == set(TINY["curve_attacks"])
+        assert all(w["adv_correct"] <= c["adv_correct"] for c in same)
+        rates = [w["class_correct"][c] / w["class_n"][c] for c in classes]
+        assert w["balanced_adversarial_accuracy"] == pytest.approx(sum(rates) / len(rates))
+
+
+def test_study_curve_row_equals_histoshield_attack(tiny_run: Path, tmp_path: Path) -> None:
+    """Both come from the one harness: same model, images and seed give the same row."""
+    from histoshield.evaluation.robustness import attack_checkpoint
+
+    r = json.loads((tiny_run / "results.json").read_text())
+    (row,) = [c for c in r["curves"] if c["model"] == "original"
+              and c["attack"] == "pgd:steps=3" and c["eps"] > 0]  # fmt: skip
+    res = attack_checkpoint(
+        tiny_run / "original" / "best.pt", attack="pgd", eps=[row["eps"]], params={"steps": 3},
+        split=str(tiny_run / "split.csv"), batch_size=TINY["batch_size"], seed=TINY["seed"],
+        out=tmp_path / "a", progress=False, device="cpu",
+    )  # fmt: skip
+    (mine,) = res["results"]
+    for key in ("n", "clean_correct", "adv_correct", "adversarial_accuracy", "success_rate",
+                "class_accuracy", "balanced_adversarial_accuracy", "linf_max", "l2_mean",
+                "psnr_mean", "ssim_mean", "description"):  # fmt: skip
+        assert mine[key] == row[key], key
+
+
+def test_degenerate_models_are_flagged_at_the_top_of_the_report(tiny_run: Path, tmp_path) -> None:
+    """The study's flag agrees with the models' own predictions, and a constant model put in
+    place of the original is flagged in results.json and above every number in the report."""
+    import shutil
+
+    from histoshield import models
+    from histoshield.report import build_report
+    from histoshield.runtime import pick_device
+
+    r = json.loads((tiny_run / "results.json").read_text())
+    x, y, classes = _test_tensors(tiny_run)
+    for name, info in r["models"].items():
+        with torch.no_grad():
+            pred = models.load_checkpoint(tiny_run / name / "best.pt")(x).argmax(1)
+        share = float(torch.bincount(pred, minlength=2).max()) / len(pred)
+        bal = sum(float((pred[y == c] == c).float().mean()) for c in (0, 1)) / 2
+        assert bool(info["degenerate"]) == (share >= 0.95 or bal < 0.6), name
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    model = models.load_checkpoint(run / "original" / "best.pt")
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 10.0]))  # always malignant
+    models.save_checkpoint(run / "original" / "best.pt", model)
+    cfg = S.load_study_config(_tiny(tmp_path))
+    ctx = S.Context(cfg, run, dict(r), pick_device("cpu"), False, lambda s: None)
+    clean = S._stage_clean(ctx)
+    assert "malignant for 100%" in clean["models"]["original"]["degenerate"]
+    S._merge(r, clean)
+    (run / "results.json").write_text(json.dumps(r))
+    md = build_report(run)[0].read_text()
+    top = md.split("## Data and split")[0]
+    assert "Robustness numbers NOT meaningful" in top
+    assert "Model 'original': the model predicts malignant for 100% of the images" in top

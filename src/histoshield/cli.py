@@ -250,6 +250,7 @@ def attack_cmd(
     """Accuracy under attack per eps (Wilson CI), success rate, L∞/L2, PSNR/SSIM, self-checks."""
     from histoshield.attacks import parse_value
     from histoshield.evaluation.robustness import attack_checkpoint, format_rows, rows_json
+    from histoshield.report.attack import write_attack_figures
 
     params = {"steps": steps, "restarts": restarts, "max_queries": max_queries}
     if alpha is not None:
@@ -275,14 +276,17 @@ def attack_cmd(
         device=device,
         progress=not json_out,
         overwrite=overwrite,
+        figures=lambda r: write_attack_figures(r, r["out"], save_examples),
     )
     if json_out:
+        if res["degenerate"]:
+            typer.echo(f"warning: {res['degenerate']}", err=True)
         typer.echo(rows_json(res["results"]))
         for c in res["sanity"]:
             if not c["passed"]:
                 typer.echo(f"warning: {c['detail']}", err=True)
     else:
-        typer.echo(format_rows(res["results"], res["sanity"]))
+        typer.echo(format_rows(res["results"], res["sanity"], degenerate=res["degenerate"]))
         typer.echo(f"results: {res['out']}/results.json")
 
 
@@ -355,7 +359,10 @@ def study(
 
     cfg = load_study_config(config, data=data, seed=seed)
     echo = None if quiet else typer.echo
-    run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
+    res = run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
+    for name, info in res.get("models", {}).items():
+        if info.get("degenerate"):
+            typer.echo(f"warning: model {name}: {info['degenerate']}", err=True)
     if quiet:
         typer.echo(f"report: {out}/report.html")
 

@@ -25,8 +25,16 @@ import torch
 
 from histoshield.config import StudyConfig, TrainConfig, dump_config, load_config
 from histoshield.errors import HistoshieldError
+from histoshield.evaluation.harness import (
+    AttackRun,
+    Outcome,
+    parse_attack_spec,
+    run_attacks,
+    runs_for,
+    worst_case,
+)
+from histoshield.evaluation.harness import eps_255 as _eps_255
 from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
-from histoshield.specs import parse_number, split_spec
 
 STATE = "state.json"
 RESULTS = "results.json"
@@ -309,21 +317,25 @@ def _split_set(ctx: Context):
 
 def _test_data(ctx: Context) -> dict[str, Any]:
     """Test images (float, [0,1]), labels in the models' class order and patient ids."""
-    from histoshield.data.arrays import labels_of, load_arrays, to_float
+    from histoshield.evaluation.predict import image_tensors
 
     if "test" not in ctx.cache:
         iset = _split_set(ctx)
         recs = iset.subset("test")
         if not recs:
             raise HistoshieldError(f"the split {ctx.out / 'split.csv'} has no test images")
-        arr = load_arrays(
-            recs, ctx.cfg.train.image_size, cache_dir=ctx.cfg.train.cache_dir, progress=ctx.progress
-        )
         classes = iset.classes
+        x, y = image_tensors(
+            recs,
+            classes,
+            ctx.cfg.train.image_size,
+            cache_dir=ctx.cfg.train.cache_dir,
+            progress=ctx.progress,
+        )
         ctx.cache["test"] = {
             "records": recs,
-            "x": to_float(arr),
-            "y": torch.from_numpy(labels_of(recs, classes)),
+            "x": x,
+            "y": y,
             "classes": classes,
             "patients": [r.patient for r in recs] if all(r.patient for r in recs) else None,
         }
@@ -362,40 +374,12 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, _write)
 
 
-def _eps_255(eps: float) -> float:
-    """eps in grey levels, rounded so that 2/255 is stored as 2.0 rather than 1.9999999."""
-    return round(float(eps) * 255.0, 4)
-
-
-def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'pgd:steps=10,restarts=1' → ('pgd', {'steps': 10, 'restarts': 1})."""
-    name, items = split_spec(spec)
-    params: dict[str, Any] = {}
-    for key, raw in items:
-        if raw is None:
-            raise HistoshieldError(f"bad attack spec {spec!r}: write name:key=value,key=value")
-        params[key] = _value(raw)
-    return name, params
-
-
-def _value(text: str) -> Any:
-    """An int, else a number or fraction, else true/false, else the text itself."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return parse_number(text, "value")
-    except HistoshieldError:
-        return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def check_study_config(cfg: StudyConfig) -> None:
     """Refuse, before any stage runs, every attack, parameter, defense or purifier spec of the
     config that would fail later (a typo must not cost the hours of training before it)."""
     from histoshield import defenses
     from histoshield.defenses import purify
-    from histoshield.evaluation.robustness import check_attack
+    from histoshield.evaluation.harness import check_attack
 
     eps = max(cfg.curve_eps) or cfg.table3_eps
     attack_specs = [("table3_attack", cfg.table3_attack)]
@@ -499,19 +483,6 @@ def _previous_config(out: Path) -> StudyConfig | None:
         return None
 
 
-def _attack(
-    ctx: Context, spec: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
-) -> torch.Tensor:
-    from histoshield import attacks
-
-    if eps == 0:
-        return x.clone()
-    name, params = parse_attack_spec(spec)
-    params.setdefault("seed", ctx.cfg.seed)
-    params.setdefault("batch_size", ctx.cfg.batch_size)
-    return attacks.run(name, model, x.to(ctx.device), y.to(ctx.device), eps=eps, **params).cpu()
-
-
 def _evenly(x: torch.Tensor, y: torch.Tensor, limit: int | None):
     """At most `limit` images, evenly spaced: keeps every class when the split lists them in
     blocks (a plain prefix would hold benign images only)."""
@@ -519,13 +490,6 @@ def _evenly(x: torch.Tensor, y: torch.Tensor, limit: int | None):
         return x, y
     keep = torch.linspace(0, len(x) - 1, limit).round().long().unique()
     return x[keep], y[keep]
-
-
-def _wilson(k: int, n: int) -> list[float] | None:
-    from histoshield.evaluation.metrics import wilson_ci
-
-    ci = wilson_ci(k, n)
-    return None if ci is None else [float(ci[0]), float(ci[1])]
 
 
 # ---- stages ---------------------------------------------------------------------------------
@@ -636,7 +600,7 @@ def _figure4(ctx: Context) -> dict[str, Any]:
 
 
 def _stage_clean(ctx: Context) -> dict[str, Any]:
-    from histoshield.evaluation.metrics import classification_metrics
+    from histoshield.evaluation.metrics import classification_metrics, degenerate_reason
     from histoshield.report import tables
 
     d = _test_data(ctx)
@@ -650,7 +614,9 @@ def _stage_clean(ctx: Context) -> dict[str, Any]:
             patients=d["patients"],
             positive=_positive(d["classes"]),
         )
-        models[name] = {"clean": m}
+        # a (near-)constant or near-chance model: every report says its robustness is moot
+        reason = degenerate_reason(d["y"], prob.argmax(1), d["classes"])
+        models[name] = {"clean": m, "degenerate": reason}
     # the score a model gets by always answering the most frequent test class: "above chance"
     # means above this, not above 50%, on imbalanced data such as BreakHis
     counts = torch.bincount(d["y"], minlength=len(d["classes"]))
@@ -660,46 +626,120 @@ def _stage_clean(ctx: Context) -> dict[str, Any]:
     return {"models": models, "baseline": baseline}
 
 
+def _harness(ctx: Context, model, x, y, runs, **kw: Any):
+    """The study's call into the one harness: its seed, batch size and device."""
+    return run_attacks(
+        model,
+        x,
+        y,
+        runs,
+        classes=_test_data(ctx)["classes"],
+        batch_size=ctx.cfg.batch_size,
+        seed=ctx.cfg.seed,
+        device=ctx.device,
+        **kw,
+    )
+
+
+def _one(ctx: Context, model, x, y, run: AttackRun, **kw: Any) -> Outcome:
+    return next(iter(_harness(ctx, model, x, y, [run], **kw)))
+
+
+def _counts(o: Outcome) -> dict[str, Any]:
+    r = o.row
+    return {
+        "n": r.n,
+        "clean_correct": r.clean_correct,
+        "adv_correct": r.adv_correct,
+        "clean_accuracy": r.clean_accuracy,
+        "adversarial_accuracy": r.adversarial_accuracy,
+        "adversarial_accuracy_ci": r.adversarial_accuracy_ci,
+    }
+
+
 def _stage_table3(ctx: Context) -> dict[str, Any]:
+    """The paper's Table 3 (the `only` class attacked) and, next to it, the other classes and
+    the targeted benign → malignant direction (false alarms), so "robust" cannot mean "always
+    says cancer"."""
+    from histoshield.evaluation.metrics import balanced_rate
     from histoshield.report import tables
 
     cfg = ctx.cfg
     d = _test_data(ctx)
-    classes = d["classes"]
-    mask = torch.ones_like(d["y"], dtype=torch.bool)
-    if cfg.only is not None:
-        mask = d["y"] == classes.index(cfg.only)
-    x, y = d["x"][mask], d["y"][mask]
+    classes, y_all = d["classes"], d["y"]
+    pos = _positive(classes)
+    only_i = classes.index(cfg.only) if cfg.only is not None else None
+    mask = torch.ones_like(y_all, dtype=torch.bool) if only_i is None else y_all == only_i
+    x, y = d["x"][mask], y_all[mask]
     idx = torch.nonzero(mask).flatten()
+    name_, params = parse_attack_spec(cfg.table3_attack)
+    run = AttackRun(name_, cfg.table3_eps, params, label=cfg.table3_attack)
     rows: dict[str, Any] = {}
+    alarms: dict[str, Any] = {}
     fig6: dict[str, Any] = {}
+    others = [c for c in range(len(classes)) if only_i is not None and c != only_i]
+    not_pos = y_all != pos
     for name in ctx.model_names:
         model = _model(ctx, name)
-        p_clean = _predict(ctx, model, x)
-        adv = _attack(ctx, cfg.table3_attack, model, x, y, cfg.table3_eps)
-        p_adv = _predict(ctx, model, adv)
-        n = len(y)
-        k_clean = int((p_clean.argmax(1) == y).sum())
-        k_adv = int((p_adv.argmax(1) == y).sum())
-        rows[name] = {
-            "n": n,
-            "clean_correct": k_clean,
-            "adv_correct": k_adv,
-            "clean_accuracy": k_clean / n if n else None,
-            "adversarial_accuracy": k_adv / n if n else None,
-            "adversarial_accuracy_ci": _wilson(k_adv, n),
-        }
-        if name == ORIGINAL and n:
-            fig6 = _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes)
+        o = _one(ctx, model, x, y, run, keep_adv=name == ORIGINAL)
+        rows[name] = {**_counts(o), "classes": {}}
+        masks, labels = [o.adv_ok], [y]
+        if only_i is None:
+            rows[name]["classes"] = _class_counts(o.adv_ok, y, classes)
+        else:
+            rows[name]["classes"][classes[only_i]] = _counts(o)
+        fa = None
+        if len(classes) > 1 and bool(not_pos.any()):
+            # targeted towards the positive class: benign images pushed to "malignant"
+            fa = _one(ctx, model, d["x"][not_pos], y_all[not_pos], run, target=pos)
+            alarms[name] = {
+                **_counts(fa),
+                "target": classes[pos],
+                "false_alarms": fa.row.n - fa.row.adv_correct,
+                "false_alarm_rate": (fa.row.n - fa.row.adv_correct) / fa.row.n,
+                "success_rate": fa.row.success_rate,
+            }
+        for c in others:
+            if fa is not None and len(classes) == 2 and c != pos:
+                oc, yc = fa, y_all[not_pos]  # with two classes: the same images and attack
+            else:
+                keep = y_all == c
+                oc, yc = _one(ctx, model, d["x"][keep], y_all[keep], run), y_all[keep]
+            rows[name]["classes"][classes[c]] = _counts(oc)
+            masks.append(oc.adv_ok)
+            labels.append(yc)
+        rows[name]["balanced_adversarial_accuracy"] = balanced_rate(
+            torch.cat(masks), torch.cat(labels)
+        )
+        if name == ORIGINAL and o.row.n:
+            fig6 = _figure6(ctx, x, y, o.adv, o.p_clean, o.p_adv, idx, classes)
     t3 = {
         "attack": cfg.table3_attack,
+        "description": o.row.description,
         "eps": cfg.table3_eps,
         "eps_255": _eps_255(cfg.table3_eps),
         "only": cfg.only,
         "rows": rows,
+        "false_alarms": alarms,
     }
     ctx.echo(tables.table3_attack({"table3": t3}).to_markdown())
     return {"table3": t3, **fig6}
+
+
+def _class_counts(ok: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    from histoshield.evaluation.metrics import wilson_ci
+
+    out = {}
+    for c in sorted(set(y.tolist())):
+        n, k = int((y == c).sum()), int(ok[y == c].sum())
+        ci = wilson_ci(k, n)
+        out[classes[c]] = {
+            "n": n,
+            "adv_correct": k,
+            "adversarial_accuracy": k / n,
+            "adversarial_accuracy_ci": None if ci is None else list(ci),
+        }
+    return out
 
 
 def _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes) -> dict[str, Any]:
@@ -733,71 +773,58 @@ def _curve_attacks(cfg: StudyConfig) -> list[str]:
     return list(dict.fromkeys([*cfg.curve_attacks, *cfg.extra_attacks]))
 
 
+def _curve_runs(cfg: StudyConfig, *, zero: bool = True) -> list[AttackRun]:
+    eps = [e for e in cfg.curve_eps if zero or e > 0]
+    return [r for spec in _curve_attacks(cfg) for r in runs_for(spec, eps)]
+
+
 def _stage_curves(ctx: Context) -> dict[str, Any]:
+    """Every curve attack at every eps on every model, and the headline: per model and eps,
+    the per-image worst case over all of them."""
     cfg = ctx.cfg
     d = _test_data(ctx)
     x, y = d["x"], d["y"]
-    rows = []
+    rows, worst = [], []
     for name in ctx.model_names:
-        model = _model(ctx, name)
-        correct0 = _predict(ctx, model, x).argmax(1) == y
-        for spec in _curve_attacks(cfg):
-            for eps in cfg.curve_eps:
-                t0 = time.perf_counter()
-                adv = _attack(ctx, spec, model, x, y, eps)
-                ok = _predict(ctx, model, adv).argmax(1) == y
-                if name == ORIGINAL:
-                    ctx.cache[f"adv:{spec}:{eps}"] = adv  # reused by the transfer stage
-                n, k = len(y), int(ok.sum())
-                k0 = int(correct0.sum())
-                rows.append(
-                    {
-                        "model": name,
-                        "attack": spec,
-                        "eps": eps,
-                        "eps_255": _eps_255(eps),
-                        "n": n,
-                        "clean_correct": k0,
-                        "adv_correct": k,
-                        "clean_accuracy": k0 / n,
-                        "adversarial_accuracy": k / n,
-                        "adversarial_accuracy_ci": _wilson(k, n),
-                        "success_rate": (int((correct0 & ~ok).sum()) / k0) if k0 else None,
-                        "seconds": round(time.perf_counter() - t0, 3),
-                    }
-                )
-    return {"curves": rows, "curve_eps_255": [_eps_255(e) for e in cfg.curve_eps]}
+        # the original's adversarial images are kept for the transfer stage
+        outcomes = list(_harness(ctx, _model(ctx, name), x, y, _curve_runs(cfg),
+                                 keep_adv=name == ORIGINAL))  # fmt: skip
+        if name == ORIGINAL:
+            ctx.cache["adv"] = {(o.run.name, o.run.eps): o.adv for o in outcomes}
+        rows += [{"model": name, **o.row.to_dict()} for o in outcomes]
+        worst += [{"model": name, **w.to_dict()} for w in worst_case(outcomes, y, d["classes"])]
+    for w in worst:
+        if w["eps"] == cfg.table3_eps:
+            ctx.echo(
+                f"{w['model']}: worst case over {len(w['attacks'])} attacks at "
+                f"{w['eps_255']:g}/255: {w['adv_correct']}/{w['n']} test images robust "
+                f"(balanced {100 * (w['balanced_adversarial_accuracy'] or 0):.2f}%)"
+            )
+    return {
+        "curves": rows,
+        "worst_case": worst,
+        "curve_eps_255": [_eps_255(e) for e in cfg.curve_eps],
+    }
 
 
 def _stage_transfer(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg
+    """Images crafted on the original model (reused from the curves stage when it ran in this
+    process), scored on every defended model."""
     d = _test_data(ctx)
-    x, y = d["x"], d["y"]
-    source = _model(ctx, ORIGINAL)
+    judges = {name: _model(ctx, name) for name in ctx.model_names}
     rows = []
-    for spec in _curve_attacks(cfg):
-        for eps in cfg.curve_eps:
-            if eps == 0:
-                continue
-            adv = ctx.cache.get(f"adv:{spec}:{eps}")
-            if adv is None:  # resumed after the curves stage: craft again (same seed, same images)
-                adv = _attack(ctx, spec, source, x, y, eps)
-            k_src = int((_predict(ctx, source, adv).argmax(1) == y).sum())
-            for target in ctx.model_names[1:]:
-                k = int((_predict(ctx, _model(ctx, target), adv).argmax(1) == y).sum())
-                rows.append(
-                    {
-                        "source": ORIGINAL,
-                        "target": target,
-                        "attack": spec,
-                        "eps": eps,
-                        "eps_255": _eps_255(eps),
-                        "n": len(y),
-                        "source_accuracy": k_src / len(y),
-                        "adversarial_accuracy": k / len(y),
-                        "adversarial_accuracy_ci": _wilson(k, len(y)),
-                    }
-                )
+    outcomes = _harness(ctx, judges[ORIGINAL], d["x"], d["y"], _curve_runs(ctx.cfg, zero=False),
+                        judges=judges, source=ORIGINAL, crafted=ctx.cache.get("adv"))  # fmt: skip
+    src: dict[tuple[str, float], float | None] = {}
+    for o in outcomes:
+        key = (o.run.name, o.run.eps)
+        if o.judge == ORIGINAL:
+            src[key] = o.row.adversarial_accuracy
+            continue
+        # "target" here is the model scored (the attack itself is untargeted)
+        rows.append(
+            {**o.row.to_dict(), "source": ORIGINAL, "target": o.judge, "source_accuracy": src[key]}
+        )
     return {"transfer": rows}
 
 

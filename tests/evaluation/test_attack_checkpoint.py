@@ -209,3 +209,36 @@ def test_evaluate_and_attack_skip_bad(run, tmp_path, capsys):
     code, out, err = run_cli(capsys, "attack", *args)
     assert code == 0 and [r["n"] for r in json.loads(out)] == [4]
     assert "zero.png" in err
+
+
+def test_constant_model_is_flagged_in_evaluate_attack_and_certify(run, tmp_path, capsys):
+    """A model that says "malignant" for every image is 100% "robust" on malignant images:
+    evaluate, attack (even with --only malignant) and certify say its numbers mean nothing."""
+    from histoshield import models
+
+    root, iset = run
+    model = models.create("smallcnn", classes=iset.classes, image_size=32)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 10.0]))
+    ckpt = root / "constant.pt"  # beside the run's own split.csv
+    models.save_checkpoint(ckpt, model)
+    split = ["--subset", "all"]
+
+    code, out, err = run_cli(capsys, "evaluate", "-c", str(ckpt), *split)
+    assert code == 0 and out.startswith("warning: the model predicts malignant for 100%"), err
+    code, out, _ = run_cli(capsys, "evaluate", "-c", str(ckpt), *split, "--json")
+    assert "not meaningful" in json.loads(out)["degenerate"]
+
+    args = ["attack", "-c", str(ckpt), *split, "--only", "malignant", "--eps", "0,2/255"]
+    code, out, _ = run_cli(capsys, *args, "--out", str(tmp_path / "a"))
+    assert code == 0 and out.startswith("warning: the model predicts malignant for 100%")
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert "not meaningful" in saved["degenerate"]
+    assert all(r["adversarial_accuracy"] == 1.0 for r in saved["results"])  # the trap itself
+    assert saved["worst_case"][-1]["balanced_adversarial_accuracy"] == 1.0  # one class only
+
+    code, out, _ = run_cli(capsys, "certify", "-c", str(ckpt), *split, "--n0", "4", "--n", "8",
+                           "--out", str(tmp_path / "c"))  # fmt: skip
+    assert code == 0 and out.startswith("warning: the model predicts malignant")

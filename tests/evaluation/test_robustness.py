@@ -11,12 +11,8 @@ from PIL import Image
 
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.metrics import wilson_ci
-from histoshield.evaluation.robustness import (
-    evaluate_attack,
-    format_rows,
-    plot_curves,
-    run_attack_experiment,
-)
+from histoshield.evaluation.robustness import evaluate_attack, format_rows, run_attack_experiment
+from histoshield.report.attack import plot_curves, write_attack_figures
 from tests.helpers_models import tiny_cnn
 
 CLASSES = ["benign", "malignant"]
@@ -86,8 +82,9 @@ def test_examples_curve_and_results(setup, tmp_path):
     model, x, y = setup
     res = run_attack_experiment(
         model, x, y, attack="fgsm", eps_list=[0, 1 / 255, 8 / 255], out=tmp_path / "run",
-        classes=CLASSES, save_examples=tmp_path / "ex", progress=False,
+        classes=CLASSES, examples=True, progress=False,
     )  # fmt: skip
+    write_attack_figures(res, tmp_path / "run", tmp_path / "ex")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(saved["results"]) == 3 and saved["sanity"]
     assert all(set(c) == {"check", "passed", "detail"} for c in saved["sanity"])

@@ -147,12 +147,12 @@ def test_cache_that_is_a_file(
 def test_attack_writes_its_numbers_before_its_figure(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from histoshield.evaluation import robustness
+    from histoshield.report import attack as attack_figures
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "a/robustness.png"))
 
-    monkeypatch.setattr(robustness, "plot_curves", full)
+    monkeypatch.setattr(attack_figures, "plot_curves", full)
     out = tmp_path / "a"
     code, o, e = run_cli(capsys, "attack", "-c", str(trained / "best.pt"), "--eps", "0,2/255",
                          "--out", str(out), "--json")  # fmt: skip

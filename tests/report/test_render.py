@@ -294,3 +294,34 @@ def test_number_rule_helpers() -> None:
     assert T.ci([0.0612, 0.19]) == "[6.12, 19.00]"
     assert T.eps_label({"eps_255": 0.5}) == "0.5/255"
     assert T.pct(None) == "—"
+
+
+def test_degenerate_model_and_worst_case_headline(run_dir: Path) -> None:
+    r = json.loads((run_dir / "results.json").read_text())
+    r["models"]["gaussian"]["degenerate"] = (
+        "the model predicts malignant for 100% of the images, so its robustness numbers are "
+        "not meaningful"
+    )
+    r["worst_case"] = [
+        {
+            "model": m, "eps": e / 255, "eps_255": e, "attacks": ["fgsm", "pgd"], "n": 40,
+            "adv_correct": k, "adversarial_accuracy": k / 40,
+            "class_n": {"benign": 20, "malignant": 20},
+            "class_correct": {"benign": kb, "malignant": k - kb},
+            "class_accuracy": {"benign": kb / 20, "malignant": (k - kb) / 20},
+            "balanced_adversarial_accuracy": (kb / 20 + (k - kb) / 20) / 2,
+        }
+        for m, e, k, kb in (("original", 2.0, 9, 3), ("gaussian", 2.0, 20, 0))
+    ]  # fmt: skip
+    (run_dir / "results.json").write_text(json.dumps(r))
+    md = build_report(run_dir)[0].read_text()
+    top = md.split("## Data and split")[0]
+    assert top.index("NOT meaningful") < top.index("clean test accuracy")
+    assert "Model 'gaussian': the model predicts malignant for 100%" in top
+    assert "original: robust accuracy at eps = 2/255, worst case over fgsm, pgd: 9/40" in top
+    worst = table_rows(md, "Robust accuracy: worst case over all attacks (headline)")
+    assert worst[0] == ["original", "robust accuracy", "22.50%"]
+    assert worst[1] == ["original", "balanced robust accuracy", "22.50%"]
+    t3 = table_rows(md, "Table 3.")
+    assert t3[0][-2] == "6/20 (30.00%)"  # worst case on the malignant images
+    assert foreign_numbers(md, r) == []

@@ -214,7 +214,7 @@ def certify_checkpoint(
 def _certify(
     checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed, device, out, progress
 ) -> dict[str, Any]:
-    from histoshield.evaluation.predict import load_eval_data
+    from histoshield.evaluation.predict import degenerate_check, load_eval_data
 
     ckpt = Path(checkpoint)
     ev = load_eval_data(
@@ -240,7 +240,10 @@ def _certify(
         device=ev.device,
         progress=progress,
     )
+    # the base classifier's clean predictions: a constant one certifies one class "robustly"
+    degenerate = degenerate_check(ev.model, ev.x, ev.y, ev.classes, device=ev.device)
     result.update(
+        degenerate=degenerate,
         checkpoint=str(ckpt),
         source=ev.source,
         subset=ev.subset,
@@ -253,7 +256,8 @@ def _certify(
 
 def format_certify(result: dict[str, Any]) -> str:
     """A short plain-text summary: settings, abstentions, and certified accuracy per radius."""
-    lines = [
+    lines = [f"warning: {result['degenerate']}"] if result.get("degenerate") else []
+    lines += [
         f"randomized smoothing: σ={result['sigma']:g} n0={result['n0']} n={result['n']} "
         f"α={result['alpha']:g} seed={result['seed']} ({result['n_images']} images, "
         f"{result['seconds']:.1f} s)",

@@ -176,7 +176,6 @@ def load_eval_data(
     for size-agnostic models). Source rules as in `load_records`; accepted labels default to
     the model's classes.
     """
-    from histoshield.data import labels_of, load_arrays, to_float
     from histoshield.runtime import pick_device
 
     if limit is not None and limit < 1:
@@ -203,6 +202,25 @@ def load_eval_data(
             f"labels {unknown} in {source} are not classes of {checkpoint} ({classes}): use "
             "data with the model's classes"
         )
+    records = filter_records(records, classes, only=only, exclude=exclude, limit=limit)
+    if not records:
+        what = f" with label {only!r}" if only else ""
+        what += f" not of class {exclude!r}" if exclude else ""
+        raise HistoshieldError(f"no images to evaluate in subset {used!r} of {source}{what}")
+    size = getattr(model, "image_size", None) or 224  # None: any size works; decode at 224
+    x, y = image_tensors(records, classes, size, progress=progress)
+    return EvalData(model, x, y, records, classes, used, source, dev)
+
+
+def filter_records(
+    records: list[Record],
+    classes: list[str],
+    *,
+    only: str | None = None,
+    exclude: str | None = None,
+    limit: int | None = None,
+) -> list[Record]:
+    """Keep class `only`, drop class `exclude`, then the first `limit` (the one rule for all)."""
     for flag, value in (("--only", only), ("--target", exclude)):
         if value is not None and value not in classes:
             raise HistoshieldError(f"{flag} {value!r} is not a class of the model ({classes})")
@@ -210,15 +228,40 @@ def load_eval_data(
         records = [r for r in records if r.label == only]
     if exclude is not None:
         records = [r for r in records if r.label != exclude]
-    records = records[:limit] if limit is not None else records
-    if not records:
-        what = f" with label {only!r}" if only else ""
-        what += f" not of class {exclude!r}" if exclude else ""
-        raise HistoshieldError(f"no images to evaluate in subset {used!r} of {source}{what}")
-    size = getattr(model, "image_size", None) or 224  # None: any size works; decode at 224
-    x = to_float(load_arrays(records, size, progress=progress))
-    y = torch.as_tensor(labels_of(records, classes)).long()
-    return EvalData(model, x, y, records, classes, used, source, dev)
+    return records[:limit] if limit is not None else records
+
+
+def image_tensors(
+    records: list[Record],
+    classes: list[str],
+    size: int,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one route from records to a model's input: float (N,3,S,S) in [0,1] and long labels
+    in `classes` order (decoded once through the array cache)."""
+    from histoshield.data import labels_of, load_arrays, to_float
+
+    x = to_float(load_arrays(records, size, cache_dir=cache_dir, progress=progress))
+    return x, torch.as_tensor(labels_of(records, classes)).long()
+
+
+def degenerate_check(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[str] | None = None,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> str | None:
+    """Why `model`'s robustness numbers on (x, y) are not meaningful (near-constant or
+    near-chance clean predictions), or None; every evaluation reports it at the top."""
+    from histoshield.evaluation.metrics import degenerate_reason
+
+    pred = predict_proba(model, x, batch_size=batch_size, device=device).argmax(1)
+    return degenerate_reason(torch.as_tensor(y).cpu(), pred, classes)
 
 
 def evaluate_checkpoint(
@@ -236,7 +279,7 @@ def evaluate_checkpoint(
     allow_patient_leak: bool = False,
 ) -> dict[str, Any]:
     """Clinical metrics of a checkpoint on one subset of a split (or all of a data set)."""
-    from histoshield.evaluation.metrics import classification_metrics
+    from histoshield.evaluation.metrics import classification_metrics, degenerate_reason
 
     ev = load_eval_data(
         checkpoint,
@@ -256,6 +299,7 @@ def evaluate_checkpoint(
         model = purify_mod.wrap(model, purify)
     prob = predict_proba(model, x, batch_size=batch_size, device=dev)
     _require_finite(prob, checkpoint, [str(r.path) for r in ev.records])
+    degenerate = degenerate_reason(y, prob.argmax(1), classes)
     patients = [r.patient for r in ev.records]
     pos = classes.index("malignant") if "malignant" in classes else len(classes) - 1
     m = classification_metrics(
@@ -272,6 +316,8 @@ def evaluate_checkpoint(
         "purify": purify,
         "classes": classes,
         "positive": classes[pos],
+        # None when fine, or when one class only (--only): then it cannot be judged here
+        "degenerate": degenerate,
         **m,
     }
     threshold = (getattr(ev.model, "meta", {}).get("extra") or {}).get("threshold")
@@ -373,7 +419,8 @@ def _fmt(v: Any) -> str:
 
 def format_metrics(m: dict[str, Any]) -> str:
     """A small human-readable table of `evaluate_checkpoint`'s result, with confusion matrix."""
-    lines = [f"{m.get('checkpoint', '')}  subset={m.get('subset')}  n={m['n']}"]
+    lines = [f"warning: {m['degenerate']}"] if m.get("degenerate") else []
+    lines.append(f"{m.get('checkpoint', '')}  subset={m.get('subset')}  n={m['n']}")
     ci = m.get("accuracy_ci")
     acc = _fmt(m.get("accuracy"))
     if ci:

@@ -88,7 +88,7 @@ def run_checks(
 ) -> list[dict[str, Any]]:
     """Run every applicable check for `attack`'s result rows; never raises on a failed check."""
     from histoshield.attacks import REGISTRY, create
-    from histoshield.evaluation.robustness import select
+    from histoshield.evaluation.harness import select
 
     params = dict(params or {})
     classes = list(classes) if classes is not None else getattr(model, "classes", None)

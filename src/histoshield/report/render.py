@@ -84,7 +84,10 @@ def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
             z["original"], z["adversarial"], caps, title, fig_dir / "figure6_adversarial.png"
         )
     if results.get("curves"):
-        out["curves"] = F.robustness_curves(results["curves"], fig_dir / "robustness_curves.png")
+        worst = [{**w, "attack": "worst case"} for w in results.get("worst_case", [])]
+        out["curves"] = F.robustness_curves(
+            results["curves"] + worst, fig_dir / "robustness_curves.png"
+        )
     if results.get("certified", {}).get("curve"):
         out["certified"] = F.certified_curve(
             results["certified"], fig_dir / "certified_accuracy.png"
@@ -95,8 +98,29 @@ def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
 # ---- content --------------------------------------------------------------------------------
 
 
-def _summary(r: dict[str, Any]) -> list[str]:
+def _headline(r: dict[str, Any]) -> list[str]:
+    """Per model, the worst case over all attacks at the Table-3 eps and at the largest eps."""
+    worst = r.get("worst_case", [])
+    eps = sorted({float(w["eps"]) for w in worst})
+    t3 = r.get("table3", {}).get("eps")
+    shown = [e for e in dict.fromkeys([t3, eps[-1] if eps else None]) if e is not None and e > 0]
     lines = []
+    for name in r.get("models", {}):
+        for e in shown:
+            w = T.worst_row(r, name, e)
+            if w is None:
+                continue
+            lines.append(
+                f"{name}: robust accuracy at eps = {T.eps_label(w)}, worst case over "
+                f"{', '.join(w.get('attacks', []))}: {T.count(w.get('adv_correct'))}/"
+                f"{T.count(w.get('n'))} test images ({T.pct(w.get('adversarial_accuracy'))}; "
+                f"balanced {T.pct(w.get('balanced_adversarial_accuracy'))})"
+            )
+    return lines
+
+
+def _summary(r: dict[str, Any]) -> list[str]:
+    lines = _headline(r)
     models = r.get("models", {})
     for name, info in models.items():
         m = info.get("clean") or {}
@@ -109,10 +133,12 @@ def _summary(r: dict[str, Any]) -> list[str]:
     for name, row in t3.get("rows", {}).items():
         lines.append(
             f"{name} under {str(t3.get('attack', 'fgsm')).upper()} eps = {T.eps_label(t3)} on "
-            f"{t3.get('only') or 'all'} test images: {T.count(row.get('clean_correct'))}/"
+            f"{t3.get('only') or 'all'} test images (the paper's protocol, one attack): "
+            f"{T.count(row.get('clean_correct'))}/"
             f"{T.count(row.get('n'))} → {T.count(row.get('adv_correct'))}/{T.count(row.get('n'))} "
             f"correct ({T.pct(row.get('clean_accuracy'))} → "
-            f"{T.pct(row.get('adversarial_accuracy'))})"
+            f"{T.pct(row.get('adversarial_accuracy'))}; balanced over classes "
+            f"{T.pct(row.get('balanced_adversarial_accuracy'))})"
         )
     return lines
 
@@ -142,6 +168,9 @@ def _methods(r: dict[str, Any]) -> list[str]:
         "Robustness curves: eps = "
         + ", ".join(f"{e:g}/255" for e in r.get("curve_eps_255", []))
         + f"; attacks: {', '.join(cfg.get('curve_attacks', []) + cfg.get('extra_attacks', []))}.",
+        "Headline robust accuracy: per model and eps, the per-image worst case over every attack "
+        "in the curves (an image is robust only if all of them failed on it), on all test "
+        "images, with the balanced rate (mean over classes) beside it.",
     ]
     if r.get("sanity"):
         lim = cfg.get("sanity_limit")
@@ -196,16 +225,28 @@ def report_blocks(r: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> li
         return [("fig", figs[key], caption)] if key in figs else []
 
     b: list[Block] = [("h1", f"histoshield study: {r.get('name', 'study')}")]
+    degenerate = T.degenerate_lines(r)
+    if degenerate:  # before any number those models' robustness figures would seem to support
+        b.append(("warn", ["Robustness numbers NOT meaningful:", *degenerate]))
     b.append(("ul", _summary(r)))
     b += [("h2", "Data and split"), ("table", T.table1_split(r))]
     b += [("h2", "Clean performance"), ("table", T.table2_clean(r))]
     b += fig("figure5", "Figure 5. Training and validation accuracy per epoch.")
     b += fig("figure4", "Figure 4. The Gaussian-noise defense's training input (zoomed inset).")
+    if r.get("worst_case"):
+        b += [("h2", "Robust accuracy (worst case over all attacks)")]
+        b += [("table", T.worst_case_table(r))]
     b += [("h2", "The paper's attack (Table 3)"), ("table", T.table3_attack(r))]
+    if r.get("table3", {}).get("false_alarms"):
+        b.append(("table", T.false_alarm_table(r)))
     b += fig("figure6", "Figure 6. Original, adversarial and amplified perturbation.")
     if r.get("curves"):
         b += [("h2", "Robustness curves"), ("table", T.curve_table(r))]
-        b += fig("curves", "Adversarial accuracy vs eps; bands are Wilson 95% CIs.")
+        b += fig(
+            "curves",
+            "Adversarial accuracy vs eps per attack, and the worst case over all attacks (the "
+            "headline); bands are Wilson 95% CIs.",
+        )
     if r.get("transfer"):
         b += [("h2", "Transfer attacks"), ("table", T.transfer_table(r))]
     if r.get("certified"):

@@ -167,9 +167,27 @@ def table2_clean(results: dict[str, Any]) -> Table:
     return Table("Table 2. Clean test performance", headers, rows, note)
 
 
+def worst_row(results: dict[str, Any], model: str, eps: float | None) -> dict[str, Any] | None:
+    """The stored worst-case row of `model` at `eps` (None when the curves did not run it)."""
+    for w in results.get("worst_case", []):
+        if w.get("model") == model and eps is not None and float(w["eps"]) == float(eps):
+            return w
+    return None
+
+
+def _frac(k: int | None, n: int | None) -> str:
+    return f"{count(k)}/{count(n)}"
+
+
 def table3_attack(results: dict[str, Any]) -> Table:
-    """Table 3: the paper's protocol — correct counts on the attacked subset before and after."""
+    """Table 3: the paper's protocol (correct counts on the attacked class before and after),
+    with the other classes, the balanced rate and the worst case over all attacks next to it."""
     t3 = results.get("table3", {})
+    only = t3.get("only")
+    rows_in = t3.get("rows", {})
+    others = list(
+        dict.fromkeys(c for r in rows_in.values() for c in r.get("classes", {}) if c != only)
+    )
     headers = [
         "Model",
         "Clean: correct / n",
@@ -177,10 +195,30 @@ def table3_attack(results: dict[str, Any]) -> Table:
         "Attacked: correct / n",
         "Attacked accuracy",
         "95% CI (attacked)",
+        *[f"{c.capitalize()}: attacked correct / n" for c in others],
+        "Balanced attacked acc.",
+        f"Worst case, {only or 'all'}",
+        "Worst case, balanced",
     ]
     rows = []
-    for name, r in t3.get("rows", {}).items():
+    for name, r in rows_in.items():
         n = count(r.get("n"))
+        w = worst_row(results, name, t3.get("eps"))
+        if w is None:
+            w_only = "—"
+        elif only is None:
+            w_only = (
+                f"{_frac(w.get('adv_correct'), w.get('n'))} ({pct(w.get('adversarial_accuracy'))})"
+            )
+        else:
+            w_only = (
+                f"{_frac(w['class_correct'].get(only), w['class_n'].get(only))} "
+                f"({pct(w['class_accuracy'].get(only))})"
+            )
+        cells = [
+            f"{_frac(c.get('adv_correct'), c.get('n'))} ({pct(c.get('adversarial_accuracy'))})"
+            for c in (r.get("classes", {}).get(k, {}) for k in others)
+        ]
         rows.append(
             [
                 model_label(name),
@@ -189,14 +227,100 @@ def table3_attack(results: dict[str, Any]) -> Table:
                 f"{count(r.get('adv_correct'))}/{n}",
                 pct(r.get("adversarial_accuracy")),
                 ci(r.get("adversarial_accuracy_ci")),
+                *cells,
+                pct(r.get("balanced_adversarial_accuracy")),
+                w_only,
+                pct(w.get("balanced_adversarial_accuracy")) if w else "—",
             ]
         )
-    subset = t3.get("only") or "all"
+    subset = only or "all"
     note = (
         f"{str(t3.get('attack', 'fgsm')).upper()} at eps = {eps_label(t3)} on {subset} test "
-        "images. The paper does not state its eps; this one is the study's configured value."
+        "images (the paper's protocol, columns 2-6); the other classes attacked the same way "
+        "(with two classes: the targeted attack of Table 3b) and the balanced rate (mean over "
+        "classes) beside them, so a model that always answers "
+        f"'{only or 'one class'}' cannot look robust. Worst case: an image counts as robust only "
+        "if every attack run at this eps in the robustness curves failed on it. The paper does "
+        "not state its eps; this one is the study's configured value."
     )
     return Table("Table 3. Attack on the test images", headers, rows, note)
+
+
+def false_alarm_table(results: dict[str, Any]) -> Table:
+    """Table 3b: the targeted direction towards the positive class (benign → malignant)."""
+    t3 = results.get("table3", {})
+    fa = t3.get("false_alarms", {})
+    target = next((r.get("target") for r in fa.values()), "malignant")
+    headers = [
+        "Model",
+        "Clean: correct / n",
+        "Attacked: correct / n",
+        "Attacked accuracy",
+        "95% CI (attacked)",
+        f"False alarms (pushed to {target})",
+        "False-alarm rate",
+    ]
+    rows = [
+        [
+            model_label(name),
+            _frac(r.get("clean_correct"), r.get("n")),
+            _frac(r.get("adv_correct"), r.get("n")),
+            pct(r.get("adversarial_accuracy")),
+            ci(r.get("adversarial_accuracy_ci")),
+            count(r.get("false_alarms")),
+            pct(r.get("false_alarm_rate")),
+        ]
+        for name, r in fa.items()
+    ]
+    note = (
+        f"{str(t3.get('attack', 'fgsm')).upper()} at eps = {eps_label(t3)}, targeted at "
+        f"'{target}', on the test images of every other class: how often the attack creates "
+        "a false cancer alarm."
+    )
+    return Table(f"Table 3b. False alarms (targeted, towards {target})", headers, rows, note)
+
+
+def worst_case_table(results: dict[str, Any]) -> Table:
+    """The headline: robust accuracy per model and eps, worst case over all attacks."""
+    worst = results.get("worst_case", [])
+    eps_rows: dict[float, dict[str, Any]] = {}
+    for w in worst:
+        eps_rows.setdefault(float(w["eps"]), w)
+    eps_sorted = sorted(eps_rows)
+    headers = ["Model", "Measure", *[eps_label(eps_rows[e]) for e in eps_sorted]]
+    grid: dict[str, dict[float, dict[str, Any]]] = {}
+    for w in worst:
+        grid.setdefault(w["model"], {})[float(w["eps"])] = w
+    rows = []
+    for model, cells in grid.items():
+        rows.append(
+            [model, "robust accuracy"]
+            + [pct(cells[e].get("adversarial_accuracy")) if e in cells else "—" for e in eps_sorted]
+        )
+        rows.append(
+            [model, "balanced robust accuracy"]
+            + [
+                pct(cells[e].get("balanced_adversarial_accuracy")) if e in cells else "—"
+                for e in eps_sorted
+            ]
+        )
+    attacks = list(dict.fromkeys(a for w in worst for a in w.get("attacks", [])))
+    n = {w.get("n") for w in worst}
+    note = (
+        "Per image and eps, the worst case over every attack run ("
+        + ", ".join(attacks)
+        + "): an image counts as robust only if all of them failed on it (as AutoAttack "
+        "reports). Balanced = mean over classes of the per-class robust accuracy"
+    )
+    if len(n) == 1:
+        note += f"; n = {count(n.pop())} test images per cell"
+    return Table(
+        "Robust accuracy: worst case over all attacks (headline)",
+        headers,
+        rows,
+        note + ".",
+        align=["l", "l"] + ["r"] * len(eps_sorted),
+    )
 
 
 def curve_table(results: dict[str, Any]) -> Table:
@@ -206,15 +330,22 @@ def curve_table(results: dict[str, Any]) -> Table:
     for r in curves:
         eps_rows.setdefault(float(r["eps"]), r)
     eps_sorted = sorted(eps_rows)
-    headers = ["Model", "Attack", *[eps_label(eps_rows[e]) for e in eps_sorted]]
+    headers = ["Model", "Attack", "What it is", *[eps_label(eps_rows[e]) for e in eps_sorted]]
     grid: dict[tuple[str, str], dict[float, str]] = {}
+    kind: dict[str, str] = {}
     for r in curves:
         grid.setdefault((r["model"], r["attack"]), {})[float(r["eps"])] = pct(
             r.get("adversarial_accuracy")
         )
-    rows = [[m, a, *[cells.get(e, "—") for e in eps_sorted]] for (m, a), cells in grid.items()]
+        kind.setdefault(r["attack"], r.get("description") or "")
+    rows = [
+        [m, a, kind[a], *[cells.get(e, "—") for e in eps_sorted]] for (m, a), cells in grid.items()
+    ]
     n = {r.get("n") for r in curves}
-    note = "Adversarial accuracy on the test images (eps in pixel units, L∞)"
+    note = (
+        "Adversarial accuracy on the test images per single attack (eps in pixel units, L∞); "
+        "a single-step attack is a weak upper bound, the worst-case table is the headline"
+    )
     if len(n) == 1:
         note += f"; n = {count(n.pop())} per cell"
     return Table(
@@ -222,8 +353,17 @@ def curve_table(results: dict[str, Any]) -> Table:
         headers,
         rows,
         note + ".",
-        align=["l", "l"] + ["r"] * len(eps_sorted),
+        align=["l", "l", "l"] + ["r"] * len(eps_sorted),
     )
+
+
+def degenerate_lines(results: dict[str, Any]) -> list[str]:
+    """One plain-words line per model whose robustness numbers are not meaningful."""
+    return [
+        f"Model '{name}': {info['degenerate']}."
+        for name, info in results.get("models", {}).items()
+        if info.get("degenerate")
+    ]
 
 
 def transfer_table(results: dict[str, Any]) -> Table:

@@ -1,0 +1,396 @@
+"""The one attack harness: every robustness number histoshield reports comes from `run_attacks`.
+
+Given a model, labelled images and a list of `AttackRun`s (attack, params, eps), it crafts each
+attack once, scores the adversarial images on the model (or on other "judge" models: transfer)
+and yields typed `Outcome`s — a `ResultRow` (what results.json stores), the per-image
+correctness masks and, on request, the adversarial images. `worst_case` turns the masks of all
+attacks run at one eps into the headline number: an image counts as robust only if every
+attack failed on it (as AutoAttack reports). `histoshield attack`, the study's Table 3, curves
+and transfer stages (and cross-validation) all call it; image quality is `evaluation.quality`,
+output writing stays with the callers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from histoshield.errors import HistoshieldError
+from histoshield.evaluation.metrics import balanced_rate, class_rates, wilson_ci
+from histoshield.specs import parse_number, split_spec
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+@dataclass
+class AttackRun:
+    """One attack to run: registry name, its parameters, eps, and how reports name it."""
+
+    attack: str
+    eps: float
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # e.g. the study's spec 'pgd:steps=10'; defaults to `attack`
+
+    @property
+    def name(self) -> str:
+        """The name reports use for this attack."""
+        return self.label or self.attack
+
+
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'pgd:steps=10,restarts=1' → ('pgd', {'steps': 10, 'restarts': 1})."""
+    name, items = split_spec(spec)
+    params: dict[str, Any] = {}
+    for key, raw in items:
+        if raw is None:
+            raise HistoshieldError(f"bad attack spec {spec!r}: write name:key=value,key=value")
+        params[key] = _value(raw)
+    return name, params
+
+
+def _value(text: str) -> Any:
+    """An int, else a number or fraction, else true/false, else the text itself."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return parse_number(text, "value")
+    except HistoshieldError:
+        return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def runs_for(spec: str, eps_values: Iterable[float]) -> list[AttackRun]:
+    """One `AttackRun` per eps for an attack spec, labelled with the spec itself."""
+    name, params = parse_attack_spec(spec)
+    return [AttackRun(name, float(e), dict(params), label=spec) for e in eps_values]
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class ResultRow:
+    """One (attack, eps) on one image set, scored on one model: what results.json stores."""
+
+    attack: str  # the label reports use (the study's spec, or the attack name)
+    name: str  # the registry name
+    description: str  # what the attack is, in words: "FGSM, single step (weak)"
+    params: dict[str, Any]
+    eps: float
+    eps_255: float
+    norm: str | None
+    n: int
+    clean_correct: int
+    adv_correct: int
+    clean_accuracy: float | None
+    adversarial_accuracy: float | None
+    adversarial_accuracy_ci: list[float] | None
+    success_rate: float | None  # over initially correct images; targeted: reached the target
+    class_accuracy: dict[str, float]  # adversarial accuracy per true class present
+    balanced_adversarial_accuracy: float | None  # mean over classes of class_accuracy
+    linf_max: float | None = None
+    linf_mean: float | None = None
+    l2_mean: float | None = None
+    psnr_mean: float | None = None
+    ssim_mean: float | None = None
+    queries: float | None = None  # mean model queries per image (black-box attacks)
+    seconds: float | None = None  # crafting time (None: adversarial images reused)
+    images_per_second: float | None = None
+    transfer_source: str | None = None  # set when scored on a model other than the one attacked
+    target: str | None = None
+    only: str | None = None
+    n_excluded: int = 0
+    seed: int = 0
+    components: list[dict] | None = None  # per-component log of ensembles (autoattack-binary)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (components dropped when absent)."""
+        d = asdict(self)
+        if d["components"] is None:
+            del d["components"]
+        return d
+
+
+@dataclass
+class Outcome:
+    """A result row with the per-image data behind it."""
+
+    row: ResultRow
+    run: AttackRun
+    judge: str | None  # the scoring model's name (None: the attacked model itself)
+    clean_ok: torch.Tensor  # bool (N,): correct on the clean image
+    adv_ok: torch.Tensor  # bool (N,): correct on the adversarial image
+    p_clean: torch.Tensor  # (N,C) probabilities, clean
+    p_adv: torch.Tensor  # (N,C) probabilities, adversarial
+    adv: torch.Tensor | None = None  # the adversarial images when asked for (keep_adv)
+
+
+@dataclass
+class WorstCase:
+    """Robust accuracy at one eps: an image is robust only if every attack failed on it."""
+
+    eps: float
+    eps_255: float
+    attacks: list[str]
+    n: int
+    clean_correct: int
+    adv_correct: int
+    adversarial_accuracy: float | None
+    adversarial_accuracy_ci: list[float] | None
+    class_n: dict[str, int]
+    class_correct: dict[str, int]
+    class_accuracy: dict[str, float]
+    balanced_adversarial_accuracy: float | None
+    robust: torch.Tensor = field(repr=False)  # bool (N,) per image
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict without the per-image mask."""
+        d = {k: v for k, v in asdict(self).items() if k != "robust"}
+        return d
+
+
+def eps_255(eps: float) -> float:
+    """eps in grey levels, rounded so that 2/255 is stored as 2.0 rather than 1.9999999."""
+    return round(float(eps) * 255.0, 4)
+
+
+def _ci(k: int, n: int) -> list[float] | None:
+    ci = wilson_ci(k, n)
+    return None if ci is None else [float(ci[0]), float(ci[1])]
+
+
+def _named(rates: Mapping[int, Any], classes: Sequence[str] | None) -> dict[str, Any]:
+    return {(classes[c] if classes else str(c)): v for c, v in rates.items()}
+
+
+def describe(atk: Any) -> str:
+    """What an attack object is, in words, from its capabilities and budget."""
+    title = atk.name.upper() if len(atk.name) <= 4 else atk.name
+    steps, queries = getattr(atk, "steps", None), getattr(atk, "max_queries", None)
+    parts = getattr(atk, "components", None)
+    if parts:
+        return f"worst case of {' → '.join(parts)}, {steps} steps, {queries} queries (strongest)"
+    if not getattr(atk, "gradient_based", True):
+        return f"{title}, {queries} queries (black box)" if queries else f"{title} (black box)"
+    if steps is None:
+        return f"{title}, single step (weak)"
+    restarts = getattr(atk, "restarts", 1) or 1
+    return f"{title}-{steps}" + (f", {restarts} restarts" if restarts > 1 else "") + " (iterative)"
+
+
+# ---- checks before any image is touched -----------------------------------------------------
+
+
+def check_attack(
+    attack: str,
+    eps_values: Sequence[float],
+    params: dict[str, Any] | None = None,
+    *,
+    batch_size: int = 32,
+    model: nn.Module | None = None,
+    **kwargs: Any,
+) -> None:
+    """Fail fast, before any image is decoded or attacked, on a bad attack name, parameter,
+    eps or batch size (a stand-in model when the real one is not loaded yet)."""
+    from histoshield.attacks import create
+    from histoshield.attacks.base import check_steps
+
+    check_steps(batch_size, "--batch-size")
+    stand_in = model if model is not None else nn.Identity()
+    atk = create(
+        attack, stand_in, eps=eps_values[0], batch_size=batch_size, **(params or {}), **kwargs
+    )
+    big = [e for e in eps_values if e > 1]
+    if big and atk.norm == "linf":  # an L2 radius may exceed 1; an L∞ one never can
+        raise HistoshieldError(
+            f"eps {big[0]:g} is above 1 for the L∞ attack {attack!r}: eps is in pixel units "
+            f"[0, 1]; did you mean {big[0]:g}/255?"
+        )
+
+
+def select(
+    y: torch.Tensor,
+    classes: Sequence[str] | None,
+    *,
+    only: int | str | None = None,
+    target: int | str | None = None,
+) -> tuple[torch.Tensor, int | None, int | None]:
+    """Indices to attack (the `only` class, minus images already of the target class)."""
+    from histoshield.attacks import resolve_class
+
+    keep = torch.ones(len(y), dtype=torch.bool)
+    only_i = None if only is None else resolve_class(only, classes, "--only")
+    target_i = None if target is None else resolve_class(target, classes, "--target")
+    if only_i is not None:
+        keep &= y == only_i
+        if not bool(keep.any()):
+            raise HistoshieldError(f"no images of class {only!r} to attack: check --only / --data")
+    if target_i is not None:
+        if only_i is not None and only_i == target_i:
+            raise HistoshieldError(
+                f"--target {target!r} equals the true label of every --only {only!r} image: "
+                "pick another target"
+            )
+        keep &= y != target_i
+        if not bool(keep.any()):
+            raise HistoshieldError(f"every image is already of target class {target!r}")
+    return keep.nonzero()[:, 0], only_i, target_i
+
+
+# ---- the harness ----------------------------------------------------------------------------
+
+
+def _probs(model: nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    from histoshield.evaluation.predict import predict_proba
+
+    return predict_proba(model, x, batch_size=batch_size, device=device)
+
+
+def run_attacks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    runs: Iterable[AttackRun],
+    *,
+    classes: Sequence[str] | None = None,
+    target: int | None = None,
+    only: str | None = None,
+    n_excluded: int = 0,
+    judges: Mapping[str, nn.Module] | None = None,
+    source: str = "source",
+    crafted: Mapping[tuple[str, float], torch.Tensor] | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    keep_adv: bool = False,
+    quality: bool = True,
+    progress: bool = False,
+) -> Iterator[Outcome]:
+    """Attack (x, y) with every run on `model` and yield one `Outcome` per run and judge.
+
+    `judges` ({name: model}) score the images crafted on `model` (named `source`); a judge that
+    is not `model` itself marks its rows as transfer. `crafted` ({(run.name, eps): images})
+    supplies adversarial images made earlier (e.g. by the curves stage) instead of crafting
+    again. `target` is a class index (targeted attack), `only` and `n_excluded` are recorded
+    in the rows. Each attack is seeded with `seed` (params may override it).
+    """
+    from histoshield.attacks import create
+
+    y = torch.as_tensor(y).long().reshape(-1).cpu()
+    classes = list(classes) if classes is not None else getattr(model, "classes", None)
+    scorers = dict(judges) if judges is not None else {None: model}
+    clean: dict[Any, torch.Tensor] = {}  # clean probabilities per judge, computed once
+    runs = list(runs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        runs = tqdm(runs, desc="attacks", unit="run", leave=False)
+    for run in runs:
+        kw: dict[str, Any] = {"seed": seed, "batch_size": batch_size, **run.params}
+        atk = create(run.attack, model, eps=run.eps, target=target, classes=classes, **kw)
+        seconds: float | None = None
+        reused = crafted.get((run.name, run.eps)) if crafted is not None else None
+        if reused is not None:
+            adv = reused
+        else:
+            t0 = time.perf_counter()
+            adv = x.clone() if run.eps == 0 else atk(x, y.to(x.device))
+            seconds = time.perf_counter() - t0
+        qual = _quality_of(x, adv) if quality else {}
+        queries = float(atk.queries.float().mean()) if atk.queries is not None else None
+        for judge, scorer in scorers.items():
+            if judge not in clean:
+                clean[judge] = _probs(scorer, x, batch_size, device)
+            p_clean = clean[judge]
+            p_adv = _probs(scorer, adv, batch_size, device)
+            pred = p_adv.argmax(1)
+            clean_ok, adv_ok = p_clean.argmax(1) == y, pred == y
+            n, k_clean, k_adv = len(y), int(clean_ok.sum()), int(adv_ok.sum())
+            hit = (pred == target) & clean_ok if target is not None else clean_ok & ~adv_ok
+            row = ResultRow(
+                attack=run.name,
+                name=atk.name,
+                description=describe(atk),
+                params=dict(run.params),
+                eps=run.eps,
+                eps_255=eps_255(run.eps),
+                norm=atk.norm,
+                n=n,
+                clean_correct=k_clean,
+                adv_correct=k_adv,
+                clean_accuracy=k_clean / n if n else None,
+                adversarial_accuracy=k_adv / n if n else None,
+                adversarial_accuracy_ci=_ci(k_adv, n),
+                success_rate=int(hit.sum()) / k_clean if k_clean else None,
+                class_accuracy=_named(class_rates(adv_ok, y), classes) if n else {},
+                balanced_adversarial_accuracy=balanced_rate(adv_ok, y) if n else None,
+                **qual,
+                queries=queries,
+                seconds=seconds,
+                images_per_second=n / seconds if seconds and run.eps > 0 else None,
+                transfer_source=None if scorer is model else source,
+                target=None if target is None else (classes[target] if classes else str(target)),
+                only=only,
+                n_excluded=n_excluded,
+                seed=int(kw["seed"]),
+                components=list(atk.log) if getattr(atk, "log", None) else None,
+            )
+            yield Outcome(
+                row, run, judge, clean_ok, adv_ok, p_clean, p_adv, adv if keep_adv else None
+            )
+
+
+def _quality_of(x: torch.Tensor, adv: torch.Tensor) -> dict[str, float | None]:
+    from histoshield.evaluation.quality import image_quality
+
+    return image_quality(x, adv)
+
+
+def worst_case(
+    outcomes: Iterable[Outcome], y: torch.Tensor, classes: Sequence[str] | None = None
+) -> list[WorstCase]:
+    """Per eps, the per-image AND of "still correct" over every white-box attack run on the
+    same images (transfer rows are left out): the robust accuracy every report headlines."""
+    y = torch.as_tensor(y).long().reshape(-1).cpu()
+    by_eps: dict[float, list[Outcome]] = {}
+    for o in outcomes:
+        if o.row.transfer_source is None:
+            by_eps.setdefault(float(o.row.eps), []).append(o)
+    out = []
+    for eps in sorted(by_eps):
+        group = by_eps[eps]
+        if any(len(o.adv_ok) != len(y) for o in group):
+            raise ValueError("worst_case needs every attack run on the same images as y")
+        robust = torch.ones(len(y), dtype=torch.bool)
+        clean = torch.ones(len(y), dtype=torch.bool)
+        for o in group:
+            robust &= o.adv_ok
+            clean &= o.clean_ok
+        n, k = len(y), int(robust.sum())
+        present = sorted(set(y.tolist()))
+        class_n = {c: int((y == c).sum()) for c in present}
+        class_k = {c: int(robust[y == c].sum()) for c in present}
+        out.append(
+            WorstCase(
+                eps=eps,
+                eps_255=eps_255(eps),
+                attacks=list(dict.fromkeys(o.row.attack for o in group)),
+                n=n,
+                clean_correct=int(clean.sum()),
+                adv_correct=k,
+                adversarial_accuracy=k / n if n else None,
+                adversarial_accuracy_ci=_ci(k, n),
+                class_n=_named(class_n, classes),
+                class_correct=_named(class_k, classes),
+                class_accuracy=_named(class_rates(robust, y), classes) if n else {},
+                balanced_adversarial_accuracy=balanced_rate(robust, y) if n else None,
+                robust=robust,
+            )
+        )
+    return out
