@@ -158,8 +158,9 @@ def _methods(r: dict[str, Any]) -> list[str]:
         f"Model: {tr.get('model', '?')} (weights {tr.get('weights', '?')}), input "
         f"{T.count(tr.get('image_size'))} px, {tr.get('optimizer', '?')} lr "
         f"{tr.get('lr')}, batch {T.count(tr.get('batch_size'))}, "
-        f"{T.count(tr.get('epochs'))} epochs, model selection on validation accuracy "
-        "(validation robust accuracy for adversarial defenses).",
+        f"{T.count(tr.get('epochs'))} epochs, classes balanced by {tr.get('balance', 'none')}, "
+        "model selection on validation balanced accuracy (balanced robust accuracy for "
+        "adversarial defenses); an epoch with (near-)constant predictions is never selected.",
         f"Gaussian-noise defense: the same settings with N(0, σ²) noise, σ = "
         f"{cfg.get('gaussian_sigma')}, added to each training batch in [0, 1] and clipped.",
         f"Table 3 attack: {str(t3.get('attack', 'fgsm')).upper()}, eps = {T.eps_label(t3)} "
