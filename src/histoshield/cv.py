@@ -31,6 +31,7 @@ import torch
 
 from histoshield.config import CVConfig, StudyConfig, TrainConfig, dump_config, settings_error
 from histoshield.errors import HistoshieldError
+from histoshield.report.cv import read_oof
 from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
 
 STATE = "state.json"
@@ -228,17 +229,6 @@ def _oof_csv(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r[k]) for k in OOF_FIELDS})
     return buf.getvalue()
-
-
-def read_oof(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of an oof.csv with typed fold, p_malignant and threshold."""
-    with Path(path).open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["fold"] = int(r["fold"])
-        r["p_malignant"] = float(r["p_malignant"])
-        r["threshold"] = float(r["threshold"]) if r.get("threshold") else None
-    return rows
 
 
 def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:

@@ -3,12 +3,24 @@ oof.csv alone, and the side-by-side comparison of a patient- and an image-groupe
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
 from histoshield.report import tables as T
 from histoshield.report.render import Block, load_results, to_html, to_markdown
 from histoshield.runtime import write_text
+
+
+def read_oof(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an oof.csv with typed fold, p_malignant and threshold."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["fold"] = int(r["fold"])
+        r["p_malignant"] = float(r["p_malignant"])
+        r["threshold"] = float(r["threshold"]) if r.get("threshold") else None
+    return rows
 
 
 def roc_figure(oof_csv: Path, path: Path, title: str) -> Path:
@@ -19,7 +31,6 @@ def roc_figure(oof_csv: Path, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from histoshield.cv import read_oof
     from histoshield.report.figures import _save
 
     rows = read_oof(oof_csv)
