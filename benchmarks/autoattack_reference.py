@@ -141,12 +141,16 @@ def main() -> None:
 
     seed_everything(args.seed)
     t0 = time.perf_counter()
-    rows = []
-    for cls in args.classes:
-        d = load_eval_data(
+    out = Path(args.out) / f"autoattack_reference-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    data = {
+        cls: load_eval_data(
             args.checkpoint, data=args.data, subset=args.subset, only=cls, limit=args.limit
         )
-        for eps in parse_eps(args.eps):
+        for cls in args.classes
+    }
+    rows = []
+    for eps in parse_eps(args.eps):  # eps outermost: the first eps is complete for every class
+        for cls, d in data.items():
             for r in compare(
                 d.model,
                 d.x,
@@ -160,6 +164,7 @@ def main() -> None:
             ):
                 rows.append({"class": cls, "source": d.source, **r})
                 print(format_table(rows[-1:], "").splitlines()[-1], flush=True)
+                write_json(out, {"args": vars(args), "rows": rows, "complete": False})
     header = (
         f"autoattack-binary vs reference AutoAttack, {args.checkpoint} ({args.subset}), "
         f"{args.steps} steps, {args.max_queries} Square queries, 1 restart, seed {args.seed}, "
@@ -168,8 +173,8 @@ def main() -> None:
     )
     table = format_table(rows, header)
     print(table)
-    out = Path(args.out) / f"autoattack_reference-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(out, {"args": vars(args), "env": environment("cpu"), "rows": rows, "table": table})
+    payload = {"args": vars(args), "env": environment("cpu"), "rows": rows, "table": table}
+    write_json(out, {**payload, "complete": True})
     print(f"wrote {out}")
 
 
