@@ -84,7 +84,8 @@ def check_gradients(
 
     zero, nan = _zero_and_nan(_attack_grad(create("pgd", model, eot=eot, loss="margin"), x, y))
     detail = f"{zero}/{len(x)} images with all-zero and {nan} with NaN input gradients"
-    return _check("gradients_nonzero_finite", zero == 0 and nan == 0, detail)
+    passed = zero == 0 and nan == 0
+    return _check("gradients_nonzero_finite", passed, detail, upper_bound=not passed)
 
 
 def check_attack_gradients(atk: Attack, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
