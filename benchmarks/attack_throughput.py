@@ -110,8 +110,11 @@ def bench(model_name: str, size: int, batch: int, rounds: int, warmup: int) -> l
     )  # fmt: skip
     ta_fgsm = torchattacks.FGSM(model, eps=eps)
     ta_pgd = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
-    hs_fgsm = A.create("fgsm", model, eps=eps)
-    hs_pgd = A.create("pgd", model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+    # loss="ce": the peers' loss, so outputs are comparable (the default margin costs the same)
+    hs_fgsm = A.create("fgsm", model, eps=eps, loss="ce")
+    hs_pgd = A.create(
+        "pgd", model, eps=eps, alpha=alpha, steps=steps, random_start=False, loss="ce"
+    )
     cases = {
         "fgsm": (
             1,

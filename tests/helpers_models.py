@@ -33,3 +33,18 @@ def tiny_cnn(num_classes: int = 2, seed: int = 0) -> nn.Module:
         nn.Flatten(),
         nn.Linear(128, num_classes),
     ).eval()
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.factor
+
+
+def huge_logits(model: nn.Module, factor: float = 1e4) -> nn.Module:
+    """The same classifier with logits scaled by `factor`: its float32 softmax saturates to
+    exactly 1.0, so cross-entropy input gradients are exactly zero."""
+    return nn.Sequential(model, _Scale(factor)).eval()

@@ -227,7 +227,9 @@ def attack_cmd(
     data: str | None = typer.Option(None, "--data", help="Data set or split CSV."),
     split: str | None = typer.Option(None, "--split", help="split.csv (default: the run's)."),
     subset: str = typer.Option("test", "--subset", help="train | val | test | all."),
-    attack: str = typer.Option("fgsm", "--attack", "-a", help="fgsm, pgd, autoattack-binary…"),
+    attack: str = typer.Option(
+        "fgsm", "--attack", "-a", help="fgsm, pgd:loss=ce, autoattack-binary…"
+    ),
     eps: str = typer.Option("0,1/255,2/255,4/255,8/255", "--eps", help="Pixel units: 8/255,…"),
     steps: int | None = typer.Option(None, "--steps", help="Iterations (iterative attacks)."),
     alpha: str | None = typer.Option(None, "--alpha", help="Step size, e.g. 1/255."),
@@ -249,10 +251,13 @@ def attack_cmd(
 ) -> None:
     """Accuracy under attack per eps (Wilson CI), success rate, L∞/L2, PSNR/SSIM, self-checks."""
     from histoshield.attacks import parse_value
+    from histoshield.evaluation.harness import parse_attack_spec
     from histoshield.evaluation.robustness import attack_checkpoint, format_rows, rows_json
     from histoshield.report.attack import write_attack_figures
 
-    params = {"steps": steps, "restarts": restarts, "max_queries": max_queries}
+    attack, params = parse_attack_spec(attack)  # 'pgd:loss=ce,steps=20' as in study specs
+    flags = {"steps": steps, "restarts": restarts, "max_queries": max_queries}
+    params.update({k: v for k, v in flags.items() if v is not None})
     if alpha is not None:
         params["alpha"] = parse_value(alpha, "--alpha")
     res = attack_checkpoint(
@@ -262,7 +267,7 @@ def attack_cmd(
         data=data,
         split=split,
         subset=subset,
-        params={k: v for k, v in params.items() if v is not None},
+        params=params,
         only=only,
         target=target,
         transfer_to=transfer_to,

@@ -10,7 +10,7 @@ import histoshield.attacks as A
 
 def test_fgsm_equals_torchattacks(model, batch):
     x, y = batch
-    ours = A.run("fgsm", model, x, y, eps=4 / 255)
+    ours = A.run("fgsm", model, x, y, eps=4 / 255, loss="ce")
     peer = torchattacks.FGSM(model, eps=4 / 255)(x, y)
     assert torch.allclose(ours, peer, atol=1e-6)
     assert (ours - x).abs().max() > 3.9 / 255  # it really moved
@@ -22,7 +22,7 @@ def test_fgsm_is_the_paper_formula(model, batch):
     loss = torch.nn.functional.cross_entropy(model(xg), y)
     (g,) = torch.autograd.grad(loss, xg)
     expected = (x + 2 / 255 * g.sign()).clamp(0, 1)
-    assert torch.allclose(A.run("fgsm", model, x, y, eps=2 / 255), expected, atol=1e-7)
+    assert torch.allclose(A.run("fgsm", model, x, y, eps=2 / 255, loss="ce"), expected, atol=1e-7)
 
 
 def test_targeted_fgsm_descends_target_loss(model, batch):
@@ -33,13 +33,15 @@ def test_targeted_fgsm_descends_target_loss(model, batch):
     loss = torch.nn.functional.cross_entropy(model(xg), t[keep])
     (g,) = torch.autograd.grad(loss, xg)
     expected = (x[keep] - 3 / 255 * g.sign()).clamp(0, 1)
-    got = A.run("fgsm", model, x[keep], y[keep], eps=3 / 255, target=1)
+    got = A.run("fgsm", model, x[keep], y[keep], eps=3 / 255, target=1, loss="ce")
     assert torch.allclose(got, expected, atol=1e-7)
 
 
 def test_pgd_no_random_start_equals_torchattacks(model, batch):
     x, y = batch
-    ours = A.run("pgd", model, x, y, eps=8 / 255, alpha=2 / 255, steps=7, random_start=False)
+    ours = A.run(
+        "pgd", model, x, y, eps=8 / 255, alpha=2 / 255, steps=7, random_start=False, loss="ce"
+    )
     peer = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=7, random_start=False)(x, y)
     assert torch.allclose(ours, peer, atol=1e-6)
 

@@ -106,6 +106,20 @@ def test_cli_attack_purify_bitdepth_goes_through_bpda(run, tmp_path):
     assert grad_check and not naive_check["gradients_nonzero_finite"]
 
 
+def test_cli_attack_spec_takes_the_loss(run, tmp_path, capsys):
+    root, _ = run
+    base = ["-c", str(root / "best.pt"), "--subset", "all", "--eps", "0,8/255"]
+    rows, res = _attack_cli(
+        [*base, "--attack", "pgd:loss=ce,steps=2", "--out", str(tmp_path / "ce")]
+    )
+    assert rows[1]["attack"] == "pgd" and rows[1]["params"] == {"loss": "ce", "steps": 2}
+    checks = {c["check"]: c for c in res["sanity"]}
+    assert "pgd's ce loss" in checks["attack_loss_gradient_nonzero"]["detail"]
+    assert checks["unbounded_eps_accuracy_near_zero"]["loss"] == "ce"
+    code, _, err = run_cli(capsys, "attack", *base, "--attack", "pgd:loss=dlr")
+    assert code == 2 and err.startswith("error: loss must be one of margin, ce")
+
+
 def test_randomized_purifier_eot_reaches_the_attack(run, tmp_path, monkeypatch):
     from histoshield.attacks.base import Attack
     from histoshield.defenses.purify import RandPad

@@ -7,7 +7,7 @@ from torch import nn
 
 from histoshield.evaluation.robustness import evaluate_attack
 from histoshield.evaluation.sanity import check_monotone, run_checks, warnings_of
-from tests.helpers_models import tiny_cnn
+from tests.helpers_models import huge_logits, tiny_cnn
 
 
 class _Round(nn.Module):
@@ -60,3 +60,57 @@ def test_monotone_check_flags_rising_accuracy():
     assert not check_monotone(rows)["passed"]
     rows[2]["adv_correct"] = 6  # one image up: tolerated (restart noise)
     assert check_monotone(rows)["passed"]
+
+
+def _probe(model):
+    x, y = _data(model)
+    rows = evaluate_attack(model, x, y, attack="pgd", eps_list=[0, 8 / 255], progress=False)
+    return x, y, rows
+
+
+def test_huge_logits_pass_with_the_default_loss_and_fail_with_ce():
+    """Logits × 1e4 saturate the softmax: the default (margin) checks still break the model,
+    while a CE attack is flagged twice — zero gradients counted, eps = 1 not reaching ~0."""
+    big = huge_logits(tiny_cnn())
+    x, y, rows = _probe(big)
+    ok = {c["check"]: c for c in run_checks(big, x, y, rows, attack="pgd")}
+    assert ok["unbounded_eps_accuracy_near_zero"]["passed"]
+    assert ok["unbounded_eps_accuracy_near_zero"]["accuracy"] == 0.0
+    assert ok["attack_loss_gradient_nonzero"]["passed"]
+    assert ok["attack_loss_gradient_nonzero"]["zero_gradient_images"] == 0
+
+    ce = {
+        c["check"]: c
+        for c in run_checks(big, x, y, rows, attack="pgd", params={"loss": "ce", "steps": 3})
+    }
+    zero = ce["attack_loss_gradient_nonzero"]
+    assert not zero["passed"] and zero["zero_gradient_images"] > len(x) // 2
+    assert f"{zero['zero_gradient_images']}/{len(x)} images" in zero["detail"]
+    assert "loss=margin" in zero["detail"] and "upper bounds" in zero["detail"]
+    unbounded = ce["unbounded_eps_accuracy_near_zero"]
+    assert not unbounded["passed"] and unbounded["upper_bound"]
+    assert "upper bounds" in unbounded["detail"] and "ce loss" in unbounded["detail"]
+    assert ce["gradients_nonzero_finite"]["passed"]  # the model is differentiable: the loss is not
+
+
+def test_zero_gradient_check_counts_and_allows_a_small_fraction():
+    from histoshield.attacks import create
+    from histoshield.evaluation.sanity import ZERO_GRAD_MAX_FRACTION, check_attack_gradients
+
+    m = tiny_cnn()
+    big = huge_logits(m)
+
+    class _LastSaturated(nn.Module):
+        """Honest logits for every image but the last, whose logits are × 1e4."""
+
+        def forward(self, inp):
+            return torch.cat([m(inp[:-1]), big(inp[-1:])])
+
+    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    one = check_attack_gradients(create("pgd", _LastSaturated().eval(), loss="ce"), x, y)
+    assert one["zero_gradient_images"] == 1 and 1 / 32 <= ZERO_GRAD_MAX_FRACTION
+    assert one["passed"] and "1/32 images" in one["detail"]
+    every = check_attack_gradients(create("pgd", big, loss="ce"), x, y)
+    assert not every["passed"] and every["zero_gradient_images"] > 16

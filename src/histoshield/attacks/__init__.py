@@ -2,6 +2,7 @@
 
 `run(name, model, images, labels, **params) -> adv_images` is the one entry point; `create`
 builds the attack object behind it. eps is in pixel units (parse '8/255' with `parse_eps`).
+fgsm, bim, pgd, pgd-l2 and mifgsm take `loss="margin"` (default, never saturates) or "ce".
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from torch import nn
 
 from histoshield.attacks.apgd import APGDCE, APGDMargin
 from histoshield.attacks.autoattack import AutoAttackBinary
-from histoshield.attacks.base import Attack, parse_eps, parse_value, resolve_class
+from histoshield.attacks.base import (
+    LOSSES,
+    Attack,
+    attack_loss,
+    margin_loss,
+    parse_eps,
+    parse_value,
+    resolve_class,
+)
 from histoshield.attacks.bim import BIM
 from histoshield.attacks.cw import CWL2
 from histoshield.attacks.deepfool import DeepFool
@@ -45,9 +54,12 @@ REGISTRY: dict[str, type[Attack]] = {
 }
 
 __all__ = [
+    "LOSSES",
     "Attack",
+    "attack_loss",
     "available",
     "create",
+    "margin_loss",
     "parse_eps",
     "parse_value",
     "resolve_class",

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LibraryAttack, check_steps
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """max_{k≠y} z_k - z_y per image: > 0 exactly when the image is misclassified."""
-    z_y = logits.gather(1, y[:, None])[:, 0]
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return others.amax(1) - z_y
+from histoshield.attacks.base import LibraryAttack, check_steps, margin_loss
 
 
 class APGDCE(LibraryAttack):

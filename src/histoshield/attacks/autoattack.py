@@ -6,6 +6,11 @@ fails on benign-vs-malignant models (in the reference code, torchattacks and ART
 ensemble is APGD-CE → APGD-margin (logit difference, binary-valid) → FAB → Square, each run
 only on images every earlier attack failed on; an image counts as robust only if all fail.
 `.log` records the robust count after each component.
+
+`run_reference` runs the same budget in AutoAttack's reference code (PyPI `pyautoattack`, import
+`pyautoattack`) with its 2-class-valid components APGD-CE, FAB (untargeted; FAB-T needs >= 3
+classes) and Square: tests/attacks/test_reference_autoattack.py checks that histoshield is never
+the weaker attack, and benchmarks/autoattack_reference.py compares them on real tiles.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import torch
 
 from histoshield.attacks.base import Attack, check_steps
+from histoshield.errors import HistoshieldError
 
 COMPONENTS = ("apgd-ce", "apgd-margin", "fab", "square")
+REFERENCE_COMPONENTS = ["apgd-ce", "fab", "square"]
 
 
 class AutoAttackBinary(Attack):
@@ -75,3 +82,49 @@ class AutoAttackBinary(Attack):
             log.append({"attack": name, "robust": int(robust.sum()), "n": len(x)})
         self.log.append({"batch": log})
         return adv
+
+
+def run_reference(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = 100,
+    max_queries: int = 1000,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> torch.Tensor:
+    """Adversarial images from the reference AutoAttack (`version='custom'`, APGD-CE → FAB →
+    Square, 1 restart each) at autoattack-binary's budget: `steps` APGD/FAB iterations,
+    `max_queries` Square queries (its own, un-rescaled p schedule, as AutoAttack runs it)."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise HistoshieldError(
+            "the reference AutoAttack is not installed: pip install pyautoattack"
+        ) from None
+
+    device = next((p.device for p in model.parameters()), x.device)
+    aa = AutoAttack(
+        model,
+        attacks=list(REFERENCE_COMPONENTS),
+        device=device,
+        eps=float(eps),
+        norm="Linf",
+        seed=int(seed),
+        version="custom",
+    )
+    aa.verbose = False
+    aa.apgd.n_iter, aa.apgd.n_restarts = check_steps(steps), 1
+    aa.fab.n_iter, aa.fab.n_restarts = check_steps(steps), 1
+    aa.square.n_queries = check_steps(max_queries, "max_queries")
+    was_training = model.training
+    model.eval()
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):  # it reseeds torch's global RNG
+            adv, _ = aa.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return adv.detach()

@@ -1,5 +1,5 @@
 """The shared mechanics of every attack: eval mode, targeting, eps-ball projection, clipping,
-seeding, batching and EOT-averaged input gradients."""
+seeding, batching, the attack losses and EOT-averaged input gradients."""
 
 from __future__ import annotations
 
@@ -53,6 +53,40 @@ def resolve_class(value: int | str, classes: Sequence[str] | None, what: str = "
     return index
 
 
+LOSSES = ("margin", "ce")
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{k≠y} z_k - z_y per image: > 0 exactly when the image is misclassified.
+
+    The logit margin (Carlini & Wagner 2017) is linear in the logits, so its input gradient
+    never vanishes however confident the model; it is valid for 2 classes (unlike DLR).
+    """
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    return logits.scatter(1, y[:, None], float("-inf")).amax(1) - z_y
+
+
+def attack_loss(
+    loss: str, logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-image objective an attack ascends: away from the label `y`, or towards `t`."""
+    if loss == "ce":
+        if t is None:
+            return F.cross_entropy(logits, y, reduction="none")
+        return -F.cross_entropy(logits, t, reduction="none")
+    if t is None:
+        return margin_loss(logits, y)
+    return -margin_loss(logits, t)
+
+
+def check_loss(loss: str) -> str:
+    """`loss` must be one of LOSSES (case-insensitive)."""
+    key = str(loss).strip().lower()
+    if key not in LOSSES:
+        raise HistoshieldError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    return key
+
+
 def check_steps(steps: int, name: str = "steps") -> int:
     """Steps/iterations must be a positive integer."""
     if int(steps) != steps or steps < 1:
@@ -70,6 +104,7 @@ class Attack:
     """
 
     name = "attack"
+    loss = "margin"  # what `objective` ascends (see attack_loss); LossAttack makes it a parameter
     norm: str | None = "linf"  # geometry of eps: "linf", "l2", or None (no eps)
     gradient_based = True
     supports_targeted = True
@@ -177,10 +212,8 @@ class Attack:
         return adv.clamp(0.0, 1.0)
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None):
-        """Per-image loss the attack ascends: CE to the label, or minus CE to the target."""
-        if t is None:
-            return F.cross_entropy(logits, y, reduction="none")
-        return -F.cross_entropy(logits, t, reduction="none")
+        """Per-image loss the attack ascends: `self.loss` away from the label or to the target."""
+        return attack_loss(self.loss, logits, y, t)
 
     def input_grad(
         self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, loss_fn=None
@@ -255,6 +288,24 @@ class Attack:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps}, target={self.target}, seed={self.seed})"
+
+
+class LossAttack(Attack):
+    """Base for gradient attacks that take `loss="margin"` (default) or `loss="ce"`.
+
+    Why margin by default: with a confident model the softmax saturates to exactly 1.0 in float32,
+    the cross-entropy gradient is then exactly 0, sign(0) = 0, and a CE attack leaves the image
+    unchanged — robustness that is only saturation. The margin's gradient never vanishes. For 2
+    classes CE = softplus(margin), so ∇CE = σ(margin)·∇margin points the same way wherever CE's
+    gradient is not zero: sign steps are the paper's, minus the saturation failure.
+    """
+
+    def __init__(self, model: nn.Module, *, loss: str = "margin", **common: Any) -> None:
+        super().__init__(model, **common)
+        self.loss = check_loss(loss)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, loss={self.loss})"
 
 
 def _device_of(model: nn.Module, x: torch.Tensor) -> torch.device:

@@ -2,6 +2,8 @@
 ICLR workshop 2017.
 
 x_0 = x;  x_{k+1} = clip_{x,eps}(x_k + alpha · sign(∇x J(θ, x_k, y))) — PGD without random start.
+J is `loss`: "margin" (default; CE's gradient vanishes on saturated softmax, see pgd.py) or "ce"
+(the paper's). Cost: `steps` forward+backward passes.
 """
 
 from __future__ import annotations

@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
-
-
-def _margin(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    z = logits.gather(1, ref[:, None])[:, 0]
-    return z - logits.scatter(1, ref[:, None], float("-inf")).amax(1)
+from histoshield.attacks.base import Attack, attack_loss, check_steps
 
 
 class CWL2(Attack):
@@ -64,7 +59,7 @@ class CWL2(Attack):
                 adv = (torch.tanh(w) + 1) / 2
                 logits = self.model(adv)
                 # margin > 0 means "not yet adversarial" in both modes
-                m = _margin(logits, y) if t is None else -_margin(logits, t)
+                m = -attack_loss("margin", logits, y, t)
                 l2 = (adv - x).flatten(1).pow(2).sum(1)
                 cost = (l2 + c * m.clamp(min=-self.kappa)).sum()
                 (w.grad,) = torch.autograd.grad(cost, w)

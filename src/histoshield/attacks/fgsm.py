@@ -2,6 +2,9 @@
 
 Untargeted: x_adv = clip(x + eps · sign(∇x J(θ, x, y)), 0, 1)   (the paper's formula)
 Targeted:   x_adv = clip(x - eps · sign(∇x J(θ, x, t)), 0, 1)
+J is `loss`: "margin" (default, max_{k≠y} z_k - z_y) or "ce" (the paper's cross-entropy; equal to
+torchattacks.FGSM). Default margin because CE's gradient is exactly 0 on a saturated softmax
+(sign(0) = 0: nothing moves); for 2 classes both give the same sign wherever CE's does not vanish.
 Cost: one forward and one input-backward pass per image (times `eot`).
 """
 
@@ -9,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack
+from histoshield.attacks.base import LossAttack
 
 
-class FGSM(Attack):
+class FGSM(LossAttack):
     """Fast Gradient Sign Method (single step, L∞)."""
 
     name = "fgsm"

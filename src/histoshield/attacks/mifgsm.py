@@ -2,16 +2,19 @@
 
 g_{k+1} = mu · g_k + ∇x J(x_k, y) / ||∇x J(x_k, y)||_1;
 x_{k+1} = clip_{x,eps}(x_k + alpha · sign(g_{k+1})), alpha = eps / steps by default.
+J is `loss`: "margin" (default; its gradient does not vanish on a saturated softmax, CE's does —
+and the L1 normalisation cannot rescue an exactly-zero gradient) or "ce" (the paper's).
+Cost: `steps` forward+backward passes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
+from histoshield.attacks.base import LossAttack, check_steps
 
 
-class MIFGSM(Attack):
+class MIFGSM(LossAttack):
     """Momentum iterative FGSM (L∞); momentum makes it transfer better between models."""
 
     name = "mifgsm"

@@ -3,6 +3,10 @@ ICLR 2018.
 
 x_0 = x + U(-eps, eps) (random start, optional);
 x_{k+1} = Π_{B∞(x, eps) ∩ [0,1]} (x_k + alpha · sign(∇x J(θ, x_k, y)))   (targeted: J → -J(t)).
+J is `loss`: "margin" (default: max_{k≠y} z_k - z_y, the C&W loss) or "ce" (Madry et al.'s
+cross-entropy; equal to torchattacks.PGD). Default margin because a confident model's softmax
+saturates to 1.0 in float32, CE's gradient is then exactly 0 and the walk never moves (an eps = 1
+PGD-CE can leave such a model "robust"); the margin's gradient does not vanish.
 With `restarts` > 1 each image keeps its worst case (highest loss) over the restarts.
 Cost: `steps` forward+backward passes per restart, plus one forward per restart when restarts > 1.
 """
@@ -11,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
+from histoshield.attacks.base import LossAttack, check_steps
 from histoshield.errors import HistoshieldError
 
 
-class PGD(Attack):
+class PGD(LossAttack):
     """Projected gradient descent in the L∞ ball."""
 
     name = "pgd"

@@ -1,6 +1,8 @@
 """PGD (L2) — Madry et al., ICLR 2018, in the L2 geometry; `eps` is the L2 radius (pixel units).
 
 x_{k+1} = Π_{B2(x, eps) ∩ [0,1]} (x_k + alpha · g / ||g||_2),  g = ∇x J(θ, x_k, y).
+J is `loss`: "margin" (default, never saturates) or "ce", as for `pgd`.
+Cost: `steps` forward+backward passes per restart.
 """
 
 from __future__ import annotations

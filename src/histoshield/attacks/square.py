@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
+from histoshield.attacks.base import Attack, attack_loss, check_steps
 
 # Fractions of the image changed per step, halved at these (rescaled) iteration counts.
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -39,11 +39,8 @@ class Square(Attack):
         return self.p_init / 2 ** sum(i > b for b in _SCHEDULE)
 
     def _margin(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        logits = self.model(x)
-        ref = y if t is None else t
-        z = logits.gather(1, ref[:, None])[:, 0]
-        other = logits.scatter(1, ref[:, None], float("-inf")).amax(1)
-        return z - other if t is None else other - z
+        # > 0 while the attack has not succeeded, in both modes
+        return -attack_loss("margin", self.model(x), y, t)
 
     def _sign(self, shape, device) -> torch.Tensor:
         return torch.randint(0, 2, shape, generator=self.generator, device=device).float() * 2 - 1

@@ -1,9 +1,12 @@
 """Self-checks run with every multi-eps attack (after AutoAttack's `checks.py`): a failed check is
 a flagged warning ("possible gradient masking: ..."), never a crash.
 
-Checks: accuracy non-increasing in eps; an unbounded PGD (eps = 1) drives accuracy to ~0;
-iterative L∞ attacks at least as strong as FGSM at the same eps; uniform sign noise of the same
-norm much weaker than the attack; no all-zero or NaN input gradients.
+Checks: accuracy non-increasing in eps; an unbounded PGD (eps = 1, with the attack's loss) drives
+accuracy to ~0 — if not, the attack is not working and every robust accuracy it reported is an
+upper bound; iterative L∞ attacks at least as strong as FGSM at the same eps; uniform sign noise
+of the same norm much weaker than the attack; no all-zero or NaN input gradients of the logit
+margin (the model itself masks gradients); at most a few images whose input gradient of the
+attack's own loss is exactly zero (a saturated cross-entropy: sign(0) = 0, the image never moves).
 """
 
 from __future__ import annotations
@@ -14,16 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoshield.attacks.base import Attack
+
 MASKING = "possible gradient masking: "
 UNBOUNDED_MAX_ACCURACY = 0.1  # "~0": what an eps = 1 PGD must reach on any honest model
+UNBOUNDED_STEPS = 20
+ZERO_GRAD_MAX_FRACTION = 0.05  # images the attack's loss may leave with an exactly-zero gradient
+UPPER_BOUND = "robust accuracies measured with this attack are upper bounds, not measurements"
 NOISE_MAX_FRACTION = 0.5  # noise may do at most half the attack's accuracy drop
 PROBE = 64  # images used by the extra attacks the checks run
 
 ITERATIVE_LINF = {"bim", "pgd", "mifgsm", "apgd-ce", "apgd-margin", "autoattack-binary"}
 
 
-def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
-    return {"check": name, "passed": bool(passed), "detail": detail if passed else MASKING + detail}
+def _check(name: str, passed: bool, detail: str, **extra: Any) -> dict[str, Any]:
+    out = {"check": name, "passed": bool(passed), "detail": detail if passed else MASKING + detail}
+    return {**out, **extra}
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
@@ -48,28 +57,100 @@ def check_monotone(rows: Sequence[dict]) -> dict[str, Any]:
     return _check("accuracy_non_increasing", True, f"accuracy non-increasing over {len(rs)} eps")
 
 
+def _zero_and_nan(grad: torch.Tensor) -> tuple[int, int]:
+    """(images whose input gradient is exactly zero everywhere, images with a NaN in it)."""
+    peak = grad.detach().flatten(1).abs().amax(1)  # NaN iff a NaN, 0 iff all zero
+    return int((peak == 0).sum()), int(peak.isnan().sum())
+
+
+def _attack_grad(atk: Attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """EOT-averaged input gradient of `atk`'s own loss (towards its target, if any), eval mode."""
+    model = atk.model
+    was_training = model.training
+    model.eval()
+    try:
+        t = None if atk.target is None else torch.full_like(y, atk.target)
+        return atk.input_grad(x, y, t)[0]
+    finally:
+        model.train(was_training)
+
+
 def check_gradients(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eot: int | None = None
 ) -> dict[str, Any]:
     """All-zero or NaN input gradients of the logit margin (which, unlike cross-entropy, does
     not underflow on confident predictions) mean gradient attacks are blind."""
-    from histoshield.attacks.apgd import margin_loss
+    from histoshield.attacks import create
 
-    was_training = model.training
-    model.eval()
-    try:
-        eot = eot or getattr(model, "default_eot", 1)
-        xg = x.detach().clone().requires_grad_(True)
-        grad = torch.zeros_like(xg)
-        for _ in range(eot):
-            grad += torch.autograd.grad(margin_loss(model(xg), y).sum(), xg)[0]
-    finally:
-        model.train(was_training)
-    flat = grad.flatten(1)
-    nan = int(torch.isnan(flat).any(1).sum())
-    zero = int((flat.abs().amax(1) == 0).sum())
+    zero, nan = _zero_and_nan(_attack_grad(create("pgd", model, eot=eot, loss="margin"), x, y))
     detail = f"{zero}/{len(x)} images with all-zero and {nan} with NaN input gradients"
-    return _check("gradients_nonzero_finite", zero == 0 and nan == 0, detail)
+    passed = zero == 0 and nan == 0
+    return _check("gradients_nonzero_finite", passed, detail, upper_bound=not passed)
+
+
+def check_attack_gradients(atk: Attack, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Count the images whose input gradient of the attack's own loss is exactly zero; fail
+    when more than ZERO_GRAD_MAX_FRACTION of them are (sign(0) = 0: they are never moved)."""
+    zero, nan = _zero_and_nan(_attack_grad(atk, x, y))
+    n = len(x)
+    frac = zero / n if n else 0.0
+    detail = (
+        f"{zero}/{n} images ({frac:.0%}) have an exactly-zero input gradient of {atk.name}'s "
+        f"{atk.loss} loss"
+    )
+    passed = frac <= ZERO_GRAD_MAX_FRACTION and nan == 0
+    if nan:
+        detail += f" and {nan} a NaN one"
+    if not passed:
+        why = (
+            "a saturated softmax (use loss=margin)"
+            if atk.loss == "ce"
+            else "flat or non-differentiable layers"
+        )
+        detail += (
+            f" (allowed {ZERO_GRAD_MAX_FRACTION:.0%}): the attack cannot move them, because of "
+            f"{why}; {UPPER_BOUND}"
+        )
+    return _check(
+        "attack_loss_gradient_nonzero",
+        passed,
+        detail,
+        zero_gradient_images=zero,
+        nan_gradient_images=nan,
+        n=n,
+        upper_bound=not passed,
+    )
+
+
+def check_unbounded(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss: str = "margin",
+    **common: Any,
+) -> dict[str, Any]:
+    """PGD at eps = 1 (the whole image may change) must leave accuracy ~0; if it does not, the
+    attack is being misled and every robust accuracy it reports is only an upper bound."""
+    from histoshield.attacks import create
+
+    atk = create("pgd", model, eps=1.0, steps=UNBOUNDED_STEPS, loss=loss, **common)
+    acc = _accuracy(model, atk(x, y), y, common.get("batch_size") or 32)
+    passed = acc <= UNBOUNDED_MAX_ACCURACY
+    detail = (
+        f"PGD-{UNBOUNDED_STEPS} ({loss} loss) at eps = 1 leaves accuracy {acc:.3f} on {len(y)} "
+        f"images (expected <= {UNBOUNDED_MAX_ACCURACY})"
+    )
+    if not passed:
+        detail += f": the attack is not working on this model, so {UPPER_BOUND}"
+    return _check(
+        "unbounded_eps_accuracy_near_zero",
+        passed,
+        detail,
+        accuracy=acc,
+        loss=loss,
+        upper_bound=not passed,
+    )
 
 
 def run_checks(
@@ -104,18 +185,11 @@ def run_checks(
     checks = [check_monotone(rows)]
 
     if cls.gradient_based:
+        # The attack's own loss (e.g. pgd:loss=ce, or apgd-ce's CE) is what both checks test.
+        atk = create(attack, model, **{**params, **common})
         checks.append(check_gradients(model, xp, yp))
-        # An attack that cannot win with the whole image to play with is being misled.
-        adv = create("pgd", model, eps=1.0, steps=20, **common)(xp, yp)
-        acc = _accuracy(model, adv, yp, batch_size)
-        checks.append(
-            _check(
-                "unbounded_eps_accuracy_near_zero",
-                acc <= UNBOUNDED_MAX_ACCURACY,
-                f"PGD-20 at eps = 1 leaves accuracy {acc:.3f} on {n} images "
-                f"(expected <= {UNBOUNDED_MAX_ACCURACY})",
-            )
-        )
+        checks.append(check_attack_gradients(atk, xp, yp))
+        checks.append(check_unbounded(model, xp, yp, loss=atk.loss, **common))
 
     if (
         cls.norm == "linf"
