@@ -224,7 +224,9 @@ def test_constant_model_is_flagged_as_collapsed(tmp_path: Path, monkeypatch, cap
     cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
     res = train(cfg, tmp_path / "const", progress=False)
     err = capsys.readouterr().err
-    assert err.count("warning: epoch") == 2 and "collapse" in err
+    # never non-degenerate, so "degenerate" (not learning), not "collapse" (learned, then lost)
+    assert err.count("warning: epoch") == 2 and err.count(": degenerate: ") == 2
+    assert "collapse:" not in err
     assert "every epoch's validation predictions were degenerate" in err
     rows = _rows(tmp_path / "const")
     assert all("100%" in r["val_degenerate"] for r in rows)
@@ -237,3 +239,26 @@ def test_balance_loss_needs_a_defense_that_can_weight(tmp_path: Path) -> None:
     cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=1, balance="loss")
     with pytest.raises(HistoshieldError, match="cannot weight its loss by class"):
         train(cfg, tmp_path / "w", defense=_EveryOtherIsNoise(), progress=False)
+
+
+def test_a_model_that_learned_then_went_constant_is_reported_as_collapse(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    real = loop._validate
+    calls = {"n": 0}
+
+    def later_constant(stepper, d, cfg, defense):  # epoch 1 real, epoch 2 degenerate
+        va = real(stepper, d, cfg, defense)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            va["degenerate"] = "the model predicts malignant for 100% of the images"
+        else:
+            va["degenerate"] = None
+        return va
+
+    monkeypatch.setattr(loop, "_validate", later_constant)
+    cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
+    train(cfg, tmp_path / "later", progress=False)
+    err = capsys.readouterr().err
+    assert "warning: epoch 2: collapse: the model predicts malignant" in err
+    assert "epoch 1:" not in err

@@ -532,7 +532,10 @@ def _train(cfg, out, resume, defense, progress, ctx) -> dict[str, Any]:
         state.stopped = _stop_reason(state, sel, cfg, robust_watch)
         _say(_epoch_message(row, cfg.epochs) + ("  *" if sel.epoch == epoch else ""), progress, ctx)
         if ctx.is_main and va["degenerate"]:  # shown even with --quiet: the run is failing
-            print(f"warning: epoch {epoch}: collapse: {va['degenerate']}", file=sys.stderr)
+            # "collapse" only after the model had learned something; before that it is not
+            # learning yet, which early epochs of a warm-up often are
+            what = "collapse" if _degenerate_run(state.history) else "degenerate"
+            print(f"warning: epoch {epoch}: {what}: {va['degenerate']}", file=sys.stderr)
         if ctx.is_main:
             _save_epoch(out, cfg, classes, stepper, sched, state, sel)
         ctx.barrier()
