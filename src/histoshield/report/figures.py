@@ -164,7 +164,7 @@ def robustness_curves(curves: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("adversarial accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title("Robustness curves (bands: Wilson 95% CI)", fontsize=11)
     return _save(fig, path)
 
