@@ -254,3 +254,32 @@ def test_cpu_preset_serves_train_and_cv() -> None:
     assert t2 == tcfg and cv.folds == 3 and cv.group_by == "patient"
     raw = yaml.safe_load(path.read_text())
     assert cv.eps == pytest.approx(2 / 255) and raw["table3_eps"] == "2/255"
+
+
+def test_attack_rows_end_with_the_per_image_worst_case_over_all_attacks() -> None:
+    import torch
+
+    from histoshield import attacks
+    from histoshield.config import CVConfig
+    from tests.helpers_models import tiny_cnn
+
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    x = torch.rand(24, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image starts correct, so only the attacks decide
+    y[:4] = 1 - y[:4]  # ...but a few start wrong: they can never count as robust
+    classes = ["benign", "malignant"]
+    cv = CVConfig(attacks=["fgsm", "pgd:steps=5,restarts=1"], eps="16/255", only=None)
+    rows = CV.attack_rows(model, x, y, classes, cv, seed=0)
+    assert [r["attack"] for r in rows] == ["fgsm", "pgd:steps=5,restarts=1", CV.WORST_CASE]
+    wc = rows[-1]
+    assert wc["adv_correct"] <= min(r["adv_correct"] for r in rows[:-1])
+    assert 0 < wc["adv_correct"] < wc["clean_correct"] == len(y) - 4  # the attacks do something
+    # hand count: an image is robust only if it is still correct after both attacks
+    ok = torch.ones(len(y), dtype=torch.bool)
+    for name, params in (("fgsm", {}), ("pgd", {"steps": 5, "restarts": 1})):
+        adv = attacks.run(name, model, x, y, eps=16 / 255, seed=0, **params)
+        with torch.no_grad():
+            ok &= model(adv).argmax(1) == y
+    assert wc["adv_correct"] == int(ok.sum()) and wc["n"] == len(y)
