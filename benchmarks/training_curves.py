@@ -14,7 +14,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from histoshield.training.plots import plot_validation_curves
+from histoshield.report.figures import validation_curves
 
 
 def read_rows(run: Path) -> list[dict[str, str]]:
@@ -36,7 +36,7 @@ def main() -> None:
     for item in a.runs:
         label, _, folder = item.rpartition("=")
         runs[label or folder] = read_rows(Path(folder))
-    print(plot_validation_curves(runs, a.out, title=a.title))
+    print(validation_curves(runs, a.out, title=a.title))
 
 
 if __name__ == "__main__":

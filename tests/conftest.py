@@ -39,3 +39,11 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     cache = tmp_path_factory.getbasetemp() / "hs-cache"
     monkeypatch.setenv("HISTOSHIELD_CACHE", str(cache))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory: pytest.TempPathFactory):
+    """The same cache as `_isolated_cache`, for module-scoped fixtures (which it cannot reach)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HISTOSHIELD_CACHE", str(tmp_path_factory.getbasetemp() / "hs-cache"))
+        yield

@@ -21,6 +21,7 @@ from histoshield.data.breakhis import patient_group
 from histoshield.data.records import Record
 from histoshield.errors import HistoshieldError
 from tests.helpers_cli import run_cli
+from tests.helpers_results import stable
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "synthetic:n=96,size=32,seed=1"
@@ -47,11 +48,8 @@ def _tiny(tmp: Path) -> Path:
 
 
 def _stable(obj):
-    if isinstance(obj, dict):
-        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [_stable(v) for v in obj]
-    return obj
+    """results.json without the VOLATILE keys."""
+    return stable(obj, VOLATILE)
 
 
 def _records(n_patients: int, per: int, seed: int = 0) -> list[Record]:
@@ -63,12 +61,6 @@ def _records(n_patients: int, per: int, seed: int = 0) -> list[Record]:
             out.append(Record(Path(f"/x/p{p}_{i}.png"), label, patient=f"P{p}", subtype="st"))
     return out
 
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HISTOSHIELD_CACHE", str(tmp_path_factory.getbasetemp() / "hs-cache"))
-        yield
 
 
 @pytest.fixture(scope="module")

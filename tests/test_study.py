@@ -19,6 +19,7 @@ import yaml
 import histoshield.study as S
 from histoshield.config import StudyConfig
 from histoshield.errors import HistoshieldError
+from tests.helpers_results import stable
 from tests.report.numcheck import foreign_numbers, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,18 +53,8 @@ def _tiny(tmp: Path) -> Path:
 
 def _stable(obj):
     """results.json without timings and environment: what must not depend on interruptions."""
-    if isinstance(obj, dict):
-        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [_stable(v) for v in obj]
-    return obj
+    return stable(obj, VOLATILE)
 
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HISTOSHIELD_CACHE", str(tmp_path_factory.getbasetemp() / "hs-cache"))
-        yield
 
 
 @pytest.fixture(scope="module")

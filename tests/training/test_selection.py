@@ -102,12 +102,12 @@ def test_robust_collapse_and_early_stopping_from_history():
 
 
 def test_validation_curves_figure(tmp_path):
-    from histoshield.training.plots import plot_validation_curves
+    from histoshield.report.figures import validation_curves
 
     runs = {
         "before": [_row(1, bal=0.8, bal_robust=0.4), _row(2, bal=0.5, bal_robust=0.5,
                                                            degenerate=CONSTANT)],
         "after": [_row(1, bal=0.8, bal_robust=""), _row(2, bal=0.85, bal_robust=0.6)],
     }  # fmt: skip
-    out = plot_validation_curves(runs, tmp_path / "curves.png", title="t")
+    out = validation_curves(runs, tmp_path / "curves.png", title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
