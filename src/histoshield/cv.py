@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from histoshield.config import CVConfig, StudyConfig, TrainConfig, dump_config, settings_error
+from histoshield.data.records import positive_index
 from histoshield.errors import HistoshieldError
 from histoshield.report.cv import read_oof
 from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
@@ -269,7 +270,7 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
 
     held = read_split(split_csv).subset("test")
     classes = ctx["classes"]
-    pos = classes.index("malignant") if "malignant" in classes else len(classes) - 1
+    pos = positive_index(classes)
     arr = load_arrays(held, tcfg.image_size, cache_dir=tcfg.cache_dir, progress=False)
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.tensor([classes.index(r.label) for r in held])
@@ -345,7 +346,7 @@ def pooled_metrics(rows: list[dict[str, Any]], classes: list[str], *, at: str = 
     """Pooled out-of-fold metrics with 95% CIs from oof rows (`at`: '0.5' or 'threshold')."""
     from sklearn.metrics import roc_auc_score
 
-    pos_name = "malignant" if "malignant" in classes else classes[-1]
+    pos_name = classes[positive_index(classes)]
     y = np.array([r["label"] == pos_name for r in rows])
     p = np.array([r["p_malignant"] for r in rows], dtype=float)
     if at == "threshold":
@@ -476,7 +477,7 @@ def summarize(out: Path, folds: list[dict[str, Any]], classes: list[str]) -> dic
     keys = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc")
     fold_stats = {k: mean_sd([f["metrics"].get(k) for f in folds]) for k in keys}
     fold_stats["patient_accuracy"] = mean_sd([f["metrics"].get("patient_accuracy") for f in folds])
-    pos = "malignant" if "malignant" in classes else classes[-1]
+    pos = classes[positive_index(classes)]
     y = [classes.index(r["label"]) for r in rows]
     pred = [classes.index(pos) if r["p_malignant"] > 0.5 else 1 - classes.index(pos) for r in rows]
     res = {

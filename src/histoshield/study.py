@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from histoshield.config import StudyConfig, TrainConfig, dump_config, load_config
+from histoshield.data.records import positive_index
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.harness import (
     AttackRun,
@@ -354,10 +355,6 @@ def _model(ctx: Context, name: str) -> torch.nn.Module:
     return ctx.cache[key]
 
 
-def _positive(classes: list[str]) -> int:
-    return classes.index("malignant") if "malignant" in classes else len(classes) - 1
-
-
 def _predict(ctx: Context, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from histoshield.evaluation.predict import predict_proba
 
@@ -612,7 +609,7 @@ def _stage_clean(ctx: Context) -> dict[str, Any]:
             prob.argmax(1).numpy(),
             prob.numpy(),
             patients=d["patients"],
-            positive=_positive(d["classes"]),
+            positive=positive_index(d["classes"]),
         )
         # a (near-)constant or near-chance model: every report says its robustness is moot
         reason = degenerate_reason(d["y"], prob.argmax(1), d["classes"])
@@ -667,7 +664,7 @@ def _stage_table3(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     d = _test_data(ctx)
     classes, y_all = d["classes"], d["y"]
-    pos = _positive(classes)
+    pos = positive_index(classes)
     only_i = classes.index(cfg.only) if cfg.only is not None else None
     mask = torch.ones_like(y_all, dtype=torch.bool) if only_i is None else y_all == only_i
     x, y = d["x"][mask], y_all[mask]

@@ -2,7 +2,7 @@
 
 from histoshield.data.arrays import cache_root, labels_of, load_arrays, to_float
 from histoshield.data.layouts import load_imageset
-from histoshield.data.records import ImageSet, Record
+from histoshield.data.records import ImageSet, Record, positive_index
 from histoshield.data.splits import (
     format_split_summary,
     make_split,
@@ -25,6 +25,7 @@ __all__ = [
     "load_arrays",
     "load_imageset",
     "make_split",
+    "positive_index",
     "read_split",
     "split_counts",
     "split_summary",

@@ -26,6 +26,11 @@ class Record:
         return replace(self, split=split)
 
 
+
+def positive_index(classes: list[str]) -> int:
+    """Clinical positive class: `malignant` when present, else the last class."""
+    return classes.index("malignant") if "malignant" in classes else len(classes) - 1
+
 @dataclass
 class ImageSet:
     """Records found under one root, the layout they were read with, and any problems seen."""

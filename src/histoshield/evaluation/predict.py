@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoshield.data.records import Record
+from histoshield.data.records import Record, positive_index
 from histoshield.errors import HistoshieldError
 
 
@@ -301,7 +301,7 @@ def evaluate_checkpoint(
     _require_finite(prob, checkpoint, [str(r.path) for r in ev.records])
     degenerate = degenerate_reason(y, prob.argmax(1), classes)
     patients = [r.patient for r in ev.records]
-    pos = classes.index("malignant") if "malignant" in classes else len(classes) - 1
+    pos = positive_index(classes)
     m = classification_metrics(
         y,
         prob.argmax(1),

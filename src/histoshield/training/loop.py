@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoshield.config import TrainConfig, dump_config
+from histoshield.data.records import positive_index
 from histoshield.data.transforms import Augment
 from histoshield.errors import HistoshieldError
 from histoshield.runtime import environment, seed_everything, write_json, write_text
@@ -115,11 +116,6 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def positive_index(classes: list[str]) -> int:
-    """Clinical positive class: `malignant` when present, else the last class."""
-    return classes.index("malignant") if "malignant" in classes else len(classes) - 1
 
 
 def _to_float(xb: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
