@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LibraryAttack, check_steps, margin_loss
+from histoshield.attacks.base import LibraryAttack, check_steps, margin_loss, register
 
 
+@register
 class APGDCE(LibraryAttack):
     """Auto-PGD with the cross-entropy loss (L∞)."""
 
     name = "apgd-ce"
+    iterative = True
+    randomized = True
     loss = "ce"
     supports_targeted = False
 
@@ -61,6 +64,7 @@ class APGDCE(LibraryAttack):
         return self.run_library(atk, x, y)
 
 
+@register
 class APGDMargin(APGDCE):
     """Auto-PGD with the logit-margin loss (binary-valid replacement for DLR)."""
 

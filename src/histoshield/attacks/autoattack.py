@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
+from histoshield.attacks.base import Attack, check_steps, register
 from histoshield.errors import HistoshieldError
 
 COMPONENTS = ("apgd-ce", "apgd-margin", "fab", "square")
 REFERENCE_COMPONENTS = ["apgd-ce", "fab", "square"]
 
 
+@register
 class AutoAttackBinary(Attack):
     """Worst case over APGD-CE, APGD-margin, FAB and Square (2-class-valid AutoAttack)."""
 
     name = "autoattack-binary"
+    iterative = True
+    randomized = True
     supports_targeted = False
 
     def __init__(
@@ -55,12 +58,12 @@ class AutoAttackBinary(Attack):
 
     def component(self, name: str) -> Attack:
         """Build one component attack with this ensemble's budget, seed and EOT."""
-        from histoshield.attacks import create
+        from histoshield.attacks import REGISTRY, accepted_params, create
 
         params: dict = {"eps": self.eps, "seed": self.seed, "eot": self.eot}
-        if name == "square":
+        if REGISTRY.get(name).black_box:
             params["max_queries"] = self.max_queries
-        elif name in ("apgd-ce", "apgd-margin", "fab", "pgd", "bim", "mifgsm"):
+        elif "steps" in accepted_params(name):
             params["steps"] = self.steps
         return create(name, self.model, classes=self.classes, **params)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoshield.errors import HistoshieldError
+from histoshield.registry import Registry
 from histoshield.specs import parse_number
 
 
@@ -54,6 +55,10 @@ def resolve_class(value: int | str, classes: Sequence[str] | None, what: str = "
 
 
 LOSSES = ("margin", "ce")
+
+# Every attack class registers itself here (`@register`); `histoshield.attacks` imports them all.
+REGISTRY: Registry[type[Attack]] = Registry("attack")
+register = REGISTRY.register
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -106,8 +111,12 @@ class Attack:
     name = "attack"
     loss = "margin"  # what `objective` ascends (see attack_loss); LossAttack makes it a parameter
     norm: str | None = "linf"  # geometry of eps: "linf", "l2", or None (no eps)
-    gradient_based = True
     supports_targeted = True
+    # Capabilities, read by the harness and the self-checks instead of attack names:
+    iterative = False  # ascends its loss over several steps inside the eps-ball
+    black_box = False  # uses only the model's outputs (no gradients)
+    randomized = False  # draws random starts/proposals (its result depends on the seed)
+    minimum_norm = False  # searches the smallest perturbation; eps only caps the result
     # True when `perturb`'s last operation already is the eps-ball ∩ [0,1] projection: the
     # final guard would then be a no-op pass over the batch, so it is skipped (hot path).
     output_in_ball = False

@@ -8,11 +8,14 @@ J is `loss`: "margin" (default; CE's gradient vanishes on saturated softmax, see
 
 from __future__ import annotations
 
+from histoshield.attacks.base import register
 from histoshield.attacks.pgd import PGD
 
 
+@register
 class BIM(PGD):
     """Basic Iterative Method: iterated FGSM from the clean image, clipped to the eps-ball."""
 
     name = "bim"
+    randomized = False  # BIM is PGD without the random start
     default_random_start = False

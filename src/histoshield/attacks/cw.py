@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, attack_loss, check_steps
+from histoshield.attacks.base import Attack, attack_loss, check_steps, register
 
 
+@register
 class CWL2(Attack):
     """Carlini–Wagner L2 attack."""
 
     name = "cw-l2"
+    minimum_norm = True
     norm = "l2"
 
     def __init__(

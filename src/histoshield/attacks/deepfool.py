@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
+from histoshield.attacks.base import Attack, check_steps, register
 
 
+@register
 class DeepFool(Attack):
     """Minimal L∞ perturbation to the nearest linearised decision boundary."""
 
     name = "deepfool"
+    minimum_norm = True
 
     def __init__(
         self, model, *, eps: float | None = None, steps: int = 50, overshoot: float = 0.02, **common

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LibraryAttack, check_steps
+from histoshield.attacks.base import LibraryAttack, check_steps, register
 
 
+@register
 class FAB(LibraryAttack):
     """Fast Adaptive Boundary attack (L∞, via torchattacks)."""
 
     name = "fab"
+    minimum_norm = True
+    randomized = True
     supports_targeted = False
 
     def __init__(

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack
+from histoshield.attacks.base import LossAttack, register
 
 
+@register
 class FGSM(LossAttack):
     """Fast Gradient Sign Method (single step, L∞)."""
 

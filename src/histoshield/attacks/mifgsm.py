@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, check_steps
+from histoshield.attacks.base import LossAttack, check_steps, register
 
 
+@register
 class MIFGSM(LossAttack):
     """Momentum iterative FGSM (L∞); momentum makes it transfer better between models."""
 
     name = "mifgsm"
+    iterative = True
     output_in_ball = True  # every step ends with the eps-ball ∩ [0,1] clamp
 
     def __init__(

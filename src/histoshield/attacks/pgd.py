@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, check_steps
+from histoshield.attacks.base import LossAttack, check_steps, register
 from histoshield.errors import HistoshieldError
 
 
+@register
 class PGD(LossAttack):
     """Projected gradient descent in the L∞ ball."""
 
     name = "pgd"
+    iterative = True
+    randomized = True
     default_random_start = True
     output_in_ball = True  # every step ends with the eps-ball ∩ [0,1] clamp
 

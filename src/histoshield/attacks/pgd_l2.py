@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from histoshield.attacks.base import register
 from histoshield.attacks.pgd import PGD
 
 
+@register
 class PGDL2(PGD):
     """Projected gradient descent in the L2 ball."""
 

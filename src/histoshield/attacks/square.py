@@ -15,17 +15,20 @@ import math
 
 import torch
 
-from histoshield.attacks.base import Attack, attack_loss, check_steps
+from histoshield.attacks.base import Attack, attack_loss, check_steps, register
 
 # Fractions of the image changed per step, halved at these (rescaled) iteration counts.
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
+@register
 class Square(Attack):
     """Black-box, score-based L∞ attack that counts its queries."""
 
     name = "square"
-    gradient_based = False
+    iterative = True
+    black_box = True
+    randomized = True
 
     def __init__(
         self, model, *, eps: float = 8 / 255, max_queries: int = 1000, p_init: float = 0.8, **common

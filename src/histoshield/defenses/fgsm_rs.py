@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, TrainingDefense
+from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, TrainingDefense, register
 
 
+@register
 class FGSMRandomStart(TrainingDefense):
     """FGSM-RS fast adversarial training with the catastrophic-overfitting guard."""
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histoshield.defenses.base import TrainingDefense, positive
+from histoshield.defenses.base import TrainingDefense, positive, register
 from histoshield.defenses.spec import Param
 
 
+@register
 class GaussianNoise(TrainingDefense):
     """Train on clip(x + N(0, σ²)) with an optional clean share of each batch."""
 

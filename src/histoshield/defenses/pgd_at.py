@@ -15,10 +15,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, MultiStepDefense, positive
+from histoshield.defenses.base import (
+    ALPHA,
+    EPS,
+    SEED,
+    WARMUP,
+    MultiStepDefense,
+    positive,
+    register,
+)
 from histoshield.defenses.spec import Param
 
 
+@register
 class PGDAdversarialTraining(MultiStepDefense):
     """Madry PGD-AT: train on PGD examples inside the ε ball."""
 

@@ -18,10 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, MultiStepDefense, positive
+from histoshield.defenses.base import (
+    ALPHA,
+    EPS,
+    SEED,
+    WARMUP,
+    MultiStepDefense,
+    positive,
+    register,
+)
 from histoshield.defenses.spec import Param
 
 
+@register
 class TRADES(MultiStepDefense):
     """TRADES: clean cross-entropy plus β times the KL between clean and adversarial outputs."""
 
