@@ -25,8 +25,9 @@ class APGDCE(LibraryAttack):
     Args:
         steps (int, default 100): iterations per restart, >= 1.
         restarts (int, default 1): random restarts, >= 1.
-        rho (float, default 0.75): the step size halves at a checkpoint where fewer than this
-            fraction of the steps since the last one increased the loss.
+        rho (float, default 0.75): the step size halves at a checkpoint where at most this
+            fraction of the steps since the last one increased the loss (or the best loss
+            did not improve).
         eps, target, classes, seed, eot, batch_size: see `Attack`
             (untargeted: `create` accepts a target only for 2 classes, where it is the same attack).
 
@@ -93,8 +94,9 @@ class APGDMargin(APGDCE):
     Args:
         steps (int, default 100): iterations per restart, >= 1.
         restarts (int, default 1): random restarts, >= 1.
-        rho (float, default 0.75): the step size halves at a checkpoint where fewer than this
-            fraction of the steps since the last one increased the loss.
+        rho (float, default 0.75): the step size halves at a checkpoint where at most this
+            fraction of the steps since the last one increased the loss (or the best loss
+            did not improve).
         eps, target, classes, seed, eot, batch_size: see `Attack`.
 
     Shape:
