@@ -14,8 +14,14 @@ switches the straight-through gradient off (zero gradient) — only to demonstra
 attack overstates robustness.
 
 Examples:
+    >>> import torch
+    >>> from histoshield import attacks
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    >>> x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
     >>> defended = wrap(model, "jpeg:quality=75")
     >>> x_adv = attacks.run("pgd", defended, x, y, eps=2/255)  # BPDA automatically
+    >>> x_adv.shape
+    torch.Size([2, 3, 8, 8])
 """
 
 from __future__ import annotations
