@@ -2,7 +2,7 @@
 
 split (Table 1) → train original → train gaussian (+ extra defenses) → clean metrics (Table 2) →
 Table 3 (FGSM on malignant test images) → robustness curves → transfer → certification of the
-gaussian model → sanity checks → report.
+gaussian model → sanity checks → Grad-CAM evidence → report.
 
 Each finished stage is recorded atomically in ``state.json`` and its results merged into
 ``results.json``; ``resume=True`` skips finished stages and training stages continue from their
@@ -13,7 +13,7 @@ The package, one job per module: `engine` (run the stages, state.json, resume), 
 (presets, the up-front config check, which keys each stage depends on), `context` (`Context`,
 `Stage`), `shared` (test images, models and harness calls the stages share), and one module per
 group of stages: `train` (split, training), `tables` (clean, Table 3), `robustness` (curves,
-transfer), `certify`, `sanity`, `report`.
+transfer), `certify`, `sanity`, `gradcam`, `report`.
 """
 
 from histoshield.evaluation.harness import parse_attack_spec

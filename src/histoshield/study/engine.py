@@ -15,6 +15,7 @@ from histoshield.errors import HistoshieldError
 from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
 from histoshield.study.certify import stage_certify
 from histoshield.study.context import RESULTS, STATE, Context, Stage
+from histoshield.study.gradcam import stage_gradcam
 from histoshield.study.report import stage_report
 from histoshield.study.robustness import stage_curves, stage_transfer
 from histoshield.study.sanity import stage_sanity
@@ -52,6 +53,7 @@ def build_stages(cfg: StudyConfig) -> list[Stage]:
         stages.append(Stage("certify", stage_certify))
     if cfg.sanity:
         stages.append(Stage("sanity", stage_sanity))
+    stages.append(Stage("gradcam", stage_gradcam))
     stages.append(Stage("report", stage_report))
     return stages
 

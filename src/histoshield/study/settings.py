@@ -120,6 +120,7 @@ def stage_keys(stage: str) -> tuple[str, ...]:
         "transfer": (*_CURVE_KEYS, "transfer"),
         "certify": (*_TRAIN_KEYS, "gaussian_sigma", "certify"),
         "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
+        "gradcam": (*_MODELS_KEYS, "curve_attacks", "extra_attacks", "table3_attack", "table3_eps"),
         "report": (),  # reads results only; rebuilt after any accepted change
     }.get(stage, ("*",))  # a stage not listed here: any change may affect it
 
