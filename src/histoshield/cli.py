@@ -372,6 +372,30 @@ def study(
         typer.echo(f"report: {out}/report.html")
 
 
+# ---- serve --------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_cmd(
+    checkpoint: list[str] = typer.Option(
+        ..., "--checkpoint", "-c", help="Model to serve (repeatable): best.pt, defended.pt …"
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+) -> None:
+    """A local web app + JSON API: predict, attack (with Grad-CAM) and certify one tile."""
+    from histoshield.serve import create_app, load_models
+
+    if not 0 < port < 65536:
+        raise HistoshieldError(f"--port must be 1-65535, got {port}")
+    app_ = create_app(load_models(checkpoint, device))
+    import uvicorn
+
+    typer.echo(f"histoshield serve: http://{host}:{port}/ ({len(checkpoint)} model(s))")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 # ---- cross-validation ---------------------------------------------------------------------
 
 
