@@ -51,31 +51,31 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(send, self.limit)
         seen = 0
-        started = False
+        started = answered = False
 
         async def counted() -> dict:
-            nonlocal seen
+            nonlocal seen, answered
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge()
+                    # answer now, and tell the app the client left: it stops reading, and
+                    # whatever it answers to that is dropped (FastAPI turns a failed form
+                    # parse into its own 400, so raising here would not reach the client)
+                    if not started and not answered:
+                        answered = True
+                        await _too_large(send, self.limit)
+                    return {"type": "http.disconnect"}
             return msg
 
         async def tracked(msg: dict) -> None:
             nonlocal started
+            if answered:
+                return
             started = started or msg["type"] == "http.response.start"
             await send(msg)
 
-        try:
-            await self.app(scope, counted, tracked)
-        except _BodyTooLarge:
-            if not started:
-                await _too_large(send, self.limit)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, counted, tracked)
 
 
 async def _too_large(send: Any, limit: int) -> None:
