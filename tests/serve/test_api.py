@@ -112,18 +112,22 @@ def test_fgsm_attack_png_metadata_and_honest_predictions(client, example_png, ch
     assert pert.size == (224, 224)
 
 
-def test_gradcam_panels_or_a_reason(client, example_png):
-    r = client.post("/api/v1/attack", files=_file(example_png), data={"attack": "fgsm",
-                                                                      "eps": "2/255"})
-    cam = r.json()["gradcam"]
-    try:
-        import histoshield.evaluation.explain  # noqa: F401
-    except ImportError:
-        assert "not available" in cam["error"]
-        return
+def test_gradcam_panels_for_clean_and_adversarial(client, example_png):
+    r = client.post("/api/v1/attack", files=_file(example_png),
+                    data={"attack": "pgd", "eps": "8/255", "steps": "10"})  # fmt: skip
+    body = r.json()
+    cam = body["gradcam"]
     assert "error" not in cam, cam
-    for key in ("clean", "adversarial"):
-        assert _decode(cam[key]).size == (224, 224)
+    assert cam["model"] == "original" and cam["layer"] == "backbone.features"
+    orig = np.array(_decode(body["images"]["original"])).astype(int)
+    adv = np.array(_decode(body["images"]["adversarial"])).astype(int)
+    clean_map = np.array(_decode(cam["clean"])).astype(int)
+    adv_map = np.array(_decode(cam["adversarial"])).astype(int)
+    assert clean_map.shape == adv_map.shape == (224, 224, 3)
+    # a heat map is blended in (far more than the attack's 8 grey levels) ...
+    assert np.abs(clean_map - orig).mean() > 8 and np.abs(adv_map - adv).mean() > 8
+    # ... and it is the map of each tile: the two overlays differ by more than the tiles do
+    assert np.abs(clean_map - adv_map).mean() > np.abs(orig - adv).mean()
 
 
 def test_pgd_is_reproducible_by_seed(client, example_png):

@@ -9,9 +9,11 @@ the predictions shown are those of the PNG the user downloads, not of a float te
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import inspect
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,6 +150,10 @@ class Service:
         self.models = {m.name: m for m in models}
         self.limits = limits or Limits()
         self._examples: list[dict[str, Any]] | None = None
+        # Grad-CAM hooks layers and freezes parameters while it runs: it gets private copies,
+        # so predictions and attacks in other threads never see a hooked model
+        self._cam_models: dict[str, nn.Module] = {}
+        self._cam_lock = threading.Lock()
 
     # ---- lookups ---------------------------------------------------------------------------
     def model(self, name: str | None) -> Loaded:
@@ -391,17 +397,18 @@ class Service:
     # ---- Grad-CAM --------------------------------------------------------------------------
     def gradcam(self, m: Loaded, x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, Any]:
         """Grad-CAM of the malignant class on the clean and adversarial tiles, as overlays."""
-        try:
-            from histoshield.evaluation.explain import default_layer, gradcam
-        except ImportError:
-            return {"model": m.name, "error": "Grad-CAM is not available in this install"}
+        from histoshield.evaluation.explain import default_layer, gradcam
         from histoshield.serve.uploads import png_bytes
 
-        try:
-            cams = gradcam(m.model, torch.cat([x, x_adv]), target=None)
-            layer = default_layer(m.model)
-        except HistoshieldError as e:
-            return {"model": m.name, "error": str(e)}
+        with self._cam_lock:
+            if m.name not in self._cam_models:
+                self._cam_models[m.name] = copy.deepcopy(m.model).eval()
+            model = self._cam_models[m.name]
+            try:
+                cams = gradcam(model, torch.cat([x, x_adv]), target=None)
+                layer = default_layer(model)
+            except HistoshieldError as e:
+                return {"model": m.name, "error": str(e)}
         tiles = [to_uint8(x), to_uint8(x_adv)]
         clean, adv = (b64png(png_bytes(_overlay(t, c))) for t, c in zip(tiles, cams, strict=True))
         return {"model": m.name, "layer": layer, "target": "malignant", "clean": clean,
