@@ -343,3 +343,19 @@ def test_serve_cli_bad_input_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint not found") and err.count("\n") == 1
+
+
+def test_serve_cli_binds_loopback_by_default(checkpoints, monkeypatch):
+    import uvicorn
+
+    from histoshield.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "-c", str(checkpoints[0]), "-c", str(checkpoints[1])])
+    assert e.value.code == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
+    assert [r.path for r in seen["app"].routes if r.path.startswith("/api/v1/p")] == [
+        "/api/v1/predict"
+    ]
