@@ -343,6 +343,9 @@ class Service:
         adv8 = to_uint8(outcomes[0].adv)
         x_adv = to_tensor(adv8)
         float_class = {o.judge: int(o.p_adv[0].argmax()) for o in outcomes}
+        by_judge = {o.judge: o for o in outcomes}
+        # the harness scored the clean tile on every judge already: no second pass for it
+        clean = [self._prediction(m, by_judge[m.name].p_clean[0]) for m in self.models.values()]
         adversarial = []
         for m in self.models.values():
             pred = self._prediction(m, predict_proba(m.model, x_adv)[0])
@@ -389,7 +392,7 @@ class Service:
                 "changed_pixels": int((delta != 0).any(axis=2).sum()),
             },
             "metadata": meta,
-            "clean": self.predict_all(x),
+            "clean": clean,
             "adversarial": adversarial,
             "gradcam": self.gradcam(src, x, x_adv),
         }
