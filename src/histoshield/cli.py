@@ -383,13 +383,18 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+    max_jobs: int = typer.Option(4, "--max-jobs", help="Attack/certify jobs queued at most."),
+    job_seconds: float = typer.Option(120.0, "--job-seconds", help="Wall-clock limit per job."),
 ) -> None:
     """A local web app + JSON API: predict, attack (with Grad-CAM) and certify one tile."""
-    from histoshield.serve import create_app, load_models
+    from histoshield.serve import Limits, create_app, load_models
 
     if not 0 < port < 65536:
         raise HistoshieldError(f"--port must be 1-65535, got {port}")
-    app_ = create_app(load_models(checkpoint, device))
+    if max_jobs < 1 or not job_seconds > 0:
+        raise HistoshieldError("--max-jobs must be >= 1 and --job-seconds > 0")
+    limits = Limits(max_jobs=max_jobs, job_seconds=job_seconds)
+    app_ = create_app(load_models(checkpoint, device), limits)
     import uvicorn
 
     typer.echo(f"histoshield serve: http://{host}:{port}/ ({len(checkpoint)} model(s))")

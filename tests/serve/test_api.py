@@ -343,6 +343,11 @@ def test_serve_cli_bad_input_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint not found") and err.count("\n") == 1
+    for argv in (["--port", "0"], ["--max-jobs", "0"], ["--job-seconds", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "-c", str(tmp_path / "missing.pt"), *argv])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith("error: --")
 
 
 def test_serve_cli_binds_loopback_by_default(checkpoints, monkeypatch):
