@@ -95,6 +95,11 @@ def test_example_then_certify_and_a_bad_upload_message(server, browser, tmp_path
     page.click("#examples img >> nth=0")
     page.wait_for_selector("#predictions tr[data-model='original']")
     assert page.input_value("#cert-model") == "gaussian"  # the defended model by default
+    # the slider follows the attack's norm: an L2 attack's eps is not in /255
+    page.select_option("#attack", "pgd-l2")
+    assert "(l2 norm)" in page.inner_text("#eps-label")
+    assert "/255" not in page.inner_text("#eps-label")
+    assert page.get_attribute("#eps", "max") == "8"
     page.fill("#cert-n", "100")
     page.click("#run-certify")
     page.wait_for_selector("#cert-result table", timeout=60_000)

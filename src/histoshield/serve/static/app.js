@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { tile: null, tileName: null, attacks: {}, models: [], job: null };
+const state = { tile: null, tileName: null, attacks: {}, models: [], job: null, norm: "linf" };
 
 function esc(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -82,6 +82,10 @@ function onAttackChange() {
   const eps = $("eps");
   eps.min = linf ? 0.5 : 0.05; eps.step = linf ? 0.5 : 0.05;
   eps.max = linf ? Math.round(a.max_eps * 255) : a.max_eps;
+  if (a.norm !== state.norm) {  // another unit (L2, a stain budget …): start at a fifth of the cap
+    eps.value = linf ? 2 : Math.round(a.max_eps / 5 / eps.step) * eps.step;
+    state.norm = a.norm;
+  }
   if (+eps.value > +eps.max) eps.value = eps.max;
   const hasSteps = "steps" in a.params;
   $("steps-row").classList.toggle("hidden", !hasSteps);
@@ -148,7 +152,8 @@ function showAttack(r) {
   $("img-adversarial").src = png(r.images.adversarial);
   $("img-perturbation").src = png(r.images.perturbation);
   const a = r.attack;
-  $("cap-adv").textContent = `adversarial: ${a.name}, eps ${fmtEps(a.eps_255.toString(), "linf")} on ${a.model}`;
+  const epsText = a.norm === "linf" ? `${a.eps_255}/255` : `${+a.eps.toFixed(4)} (${a.norm || "own"} norm)`;
+  $("cap-adv").textContent = `adversarial: ${a.name}, eps ${epsText} on ${a.model}`;
   $("cap-pert").textContent = `perturbation ×${r.perturbation.amplification} (L∞ ${r.perturbation.linf_255}/255)`;
   if (r.gradcam && !r.gradcam.error) {
     $("img-cam-clean").src = png(r.gradcam.clean);
