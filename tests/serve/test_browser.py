@@ -8,6 +8,7 @@ import io
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -104,6 +105,20 @@ def test_example_then_certify_and_a_bad_upload_message(server, browser, tmp_path
     page.click("#run-certify")
     page.wait_for_selector("#cert-result table", timeout=60_000)
     assert "certified L2 radius" in page.inner_text("#cert-result")
+    # a job waiting behind a long one shows its state and can be cancelled from the page
+    png = httpx.get(server + "/api/v1/examples/0.png").content
+    long = {"attack": "pgd:restarts=2,eot=4", "eps": "8/255", "steps": "100", "wait": "false"}
+    blocker = httpx.post(server + "/api/v1/attack", files={"file": ("t.png", png)}, data=long)
+    assert blocker.status_code == 202
+    page.select_option("#attack", "fgsm")
+    page.click("#run-attack")
+    page.wait_for_selector("#cancel:not(.hidden)")
+    assert page.is_visible("#attack-progress")
+    page.click("#cancel")
+    page.wait_for_selector("#attack-status.error", timeout=60_000)
+    assert "cancel" in page.inner_text("#attack-status")
+    assert not page.is_disabled("#run-attack")
+    httpx.post(server + f"/api/v1/jobs/{blocker.json()['id']}/cancel")
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     page.set_input_files("#upload", str(bad))
