@@ -48,7 +48,7 @@ def test_predict_and_attack_load(make_app, client):
         assert good == 200
 
         # 8 slow attacks at once against a queue of 2: the rest are refused at once, cleanly
-        slow = {"attack": "autoattack-binary", "eps": "8/255", "steps": "30"}
+        slow = {"attack": "pgd:restarts=2", "eps": "8/255", "steps": "100"}  # no early stop
 
         def attack(_: int) -> httpx.Response:
             return http.post("/api/v1/attack", files=files, data=slow)
@@ -65,7 +65,8 @@ def test_predict_and_attack_load(make_app, client):
         for r in results:
             if r.status_code == 200:
                 body = r.json()
-                assert body["attack"]["name"] == "autoattack-binary"
+                assert body["attack"]["name"] == "pgd"
+                assert body["attack"]["params"] == {"restarts": 2, "steps": 100}
                 assert body["perturbation"]["linf_255"] <= 8
                 assert len(body["adversarial"]) == 2
         health = http.get("/health").json()
