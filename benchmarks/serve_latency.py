@@ -5,7 +5,8 @@ preset's architecture — EfficientNet-Lite0 at 96 px with the offline ImageNet 
 and a randomly initialised 2-class head (latency does not depend on what the head learned; FGSM
 and PGD-10 run a fixed number of passes). Each request uploads the same synthetic 224 px PNG;
 an attack's time includes scoring the adversarial tile and the two Grad-CAM maps, i.e. what the
-page waits for. The server-side crafting time (`attack.seconds`) is reported beside it. Requests
+page waits for (`fgsm-nocam`: the same without Grad-CAM, `gradcam=false`). The server-side
+crafting time (`attack.seconds`) is reported beside it. Requests
 run one at a time; the load average before and after is recorded.
 
     python benchmarks/serve_latency.py --threads 2 --repeats 20
@@ -59,6 +60,7 @@ def main() -> None:
         "predict": ("/api/v1/predict", None),
         "fgsm": ("/api/v1/attack", {"attack": "fgsm", "eps": "2/255"}),
         "pgd-10": ("/api/v1/attack", {"attack": "pgd", "eps": "2/255", "steps": "10"}),
+        "fgsm-nocam": ("/api/v1/attack", {"attack": "fgsm", "eps": "2/255", "gradcam": "false"}),
     }
     rows = []
     with running(app) as url, httpx.Client(base_url=url, timeout=600) as http:
@@ -91,12 +93,12 @@ def main() -> None:
     print(f"{args.model} ({args.weights} backbone, random head) at {args.image_size} px, "
           f"224 px tile, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
           f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after")  # fmt: skip
-    head = f"{'endpoint':<10}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'crafting p50 ms':>18}"
+    head = f"{'endpoint':<12}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'crafting p50 ms':>18}"
     print(head)
     print("-" * len(head))
     for r in rows:
         craft = "-" if r["crafting_p50_s"] is None else f"{1000 * r['crafting_p50_s']:.0f}"
-        print(f"{r['endpoint']:<10}{r['n']:>4}{1000 * r['p50_s']:>10.0f}"
+        print(f"{r['endpoint']:<12}{r['n']:>4}{1000 * r['p50_s']:>10.0f}"
               f"{1000 * r['p95_s']:>10.0f}{craft:>18}")  # fmt: skip
     write_json(
         args.out,

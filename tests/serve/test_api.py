@@ -128,6 +128,9 @@ def test_gradcam_panels_for_clean_and_adversarial(client, example_png):
     assert np.abs(clean_map - orig).mean() > 8 and np.abs(adv_map - adv).mean() > 8
     # ... and it is the map of each tile: the two overlays differ by more than the tiles do
     assert np.abs(clean_map - adv_map).mean() > np.abs(orig - adv).mean()
+    off = client.post("/api/v1/attack", files=_file(example_png),
+                      data={"attack": "fgsm", "eps": "2/255", "gradcam": "false"})  # fmt: skip
+    assert off.status_code == 200 and off.json()["gradcam"] is None
 
 
 def test_pgd_is_reproducible_by_seed(client, example_png):

@@ -212,8 +212,10 @@ def create_app(models: list[Loaded], limits: Limits | None = None) -> FastAPI:
         seed: int | None = Form(None, description="seed of random starts (default 0)"),
         model: str | None = Form(None, description="model to attack (default: the first)"),
         wait: bool = Form(True, description="false: answer 202 with a job to poll"),
+        gradcam: bool = Form(True, description="false: skip the two Grad-CAM maps"),
     ) -> Any:
         req = service.parse_attack(attack, eps, steps, seed, model)  # 4xx before any compute
+        req["gradcam"] = gradcam
         tile = await tile_of(file)
         return await run(slow, "attack", lambda job: service.attack(tile, req, job), wait=wait)
 

@@ -394,7 +394,7 @@ class Service:
             "metadata": meta,
             "clean": clean,
             "adversarial": adversarial,
-            "gradcam": self.gradcam(src, x, x_adv),
+            "gradcam": self.gradcam(src, x, x_adv) if req.get("gradcam", True) else None,
         }
 
     # ---- Grad-CAM --------------------------------------------------------------------------
