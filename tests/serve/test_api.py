@@ -112,6 +112,15 @@ def test_fgsm_attack_png_metadata_and_honest_predictions(client, example_png, ch
     assert pert.size == (224, 224)
 
 
+def test_rounding_to_8_bits_stays_in_the_linf_ball(client, example_png):
+    r = client.post("/api/v1/attack", files=_file(example_png),
+                    data={"attack": "fgsm", "eps": "2.5/255"})  # fmt: skip
+    body = r.json()
+    orig = np.array(_decode(body["images"]["original"])).astype(int)
+    adv = np.array(_decode(body["images"]["adversarial"])).astype(int)
+    assert np.abs(adv - orig).max() == body["perturbation"]["linf_255"] == 2
+
+
 def test_gradcam_panels_for_clean_and_adversarial(client, example_png):
     r = client.post("/api/v1/attack", files=_file(example_png),
                     data={"attack": "pgd", "eps": "8/255", "steps": "10"})  # fmt: skip

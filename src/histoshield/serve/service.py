@@ -341,6 +341,10 @@ class Service:
         job.check()
         row = next(o.row for o in outcomes if o.judge == src.name)
         adv8 = to_uint8(outcomes[0].adv)
+        if row.norm == "linf":  # rounding must not leave the ball: 2.5/255 stays within 2 levels
+            k = math.floor(req["eps"] * 255 + 1e-6)
+            lo, hi = tile.astype(np.int16) - k, tile.astype(np.int16) + k
+            adv8 = np.clip(adv8.astype(np.int16), lo, hi).astype(np.uint8)
         x_adv = to_tensor(adv8)
         float_class = {o.judge: int(o.p_adv[0].argmax()) for o in outcomes}
         by_judge = {o.judge: o for o in outcomes}
