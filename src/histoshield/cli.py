@@ -395,7 +395,16 @@ def serve_cmd(
         raise HistoshieldError("--max-jobs must be >= 1 and --job-seconds > 0")
     limits = Limits(max_jobs=max_jobs, job_seconds=job_seconds)
     app_ = create_app(load_models(checkpoint, device), limits)
+    import socket
+
     import uvicorn
+
+    try:  # one line instead of uvicorn's log when the address is taken or not ours
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise HistoshieldError(f"cannot listen on {host}:{port} ({e.strerror or e}): "
+                               "choose another --port or --host") from None  # fmt: skip
 
     typer.echo(f"histoshield serve: http://{host}:{port}/ ({len(checkpoint)} model(s))")
     uvicorn.run(app_, host=host, port=port, log_level="warning")

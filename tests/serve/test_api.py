@@ -364,12 +364,17 @@ def test_serve_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_serve_cli_binds_loopback_by_default(checkpoints, monkeypatch):
+    import contextlib
+    import socket
+
     import uvicorn
 
     from histoshield.cli import main
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    # the free-port check must not depend on what else listens on 8000 here
+    monkeypatch.setattr(socket, "create_server", lambda addr: contextlib.nullcontext())
     with pytest.raises(SystemExit) as e:
         main(["serve", "-c", str(checkpoints[0]), "-c", str(checkpoints[1])])
     assert e.value.code == 0
@@ -377,3 +382,17 @@ def test_serve_cli_binds_loopback_by_default(checkpoints, monkeypatch):
     assert [r.path for r in seen["app"].routes if r.path.startswith("/api/v1/p")] == [
         "/api/v1/predict"
     ]
+
+
+def test_serve_cli_port_in_use_is_one_line(checkpoints, capsys):
+    import socket
+
+    from histoshield.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "-c", str(checkpoints[0]), "--port", str(port)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
