@@ -419,6 +419,44 @@ def study(
         typer.echo(f"report: {out}/report.html")
 
 
+# ---- serve --------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_cmd(
+    checkpoint: list[str] = typer.Option(
+        ..., "--checkpoint", "-c", help="Model to serve (repeatable): best.pt, defended.pt …"
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+    max_jobs: int = typer.Option(4, "--max-jobs", help="Attack/certify jobs queued at most."),
+    job_seconds: float = typer.Option(120.0, "--job-seconds", help="Wall-clock limit per job."),
+) -> None:
+    """A local web app + JSON API: predict, attack (with Grad-CAM) and certify one tile."""
+    from histoshield.serve import Limits, create_app, load_models
+
+    if not 0 < port < 65536:
+        raise HistoshieldError(f"--port must be 1-65535, got {port}")
+    if max_jobs < 1 or not job_seconds > 0:
+        raise HistoshieldError("--max-jobs must be >= 1 and --job-seconds > 0")
+    limits = Limits(max_jobs=max_jobs, job_seconds=job_seconds)
+    app_ = create_app(load_models(checkpoint, device), limits)
+    import socket
+
+    import uvicorn
+
+    try:  # one line instead of uvicorn's log when the address is taken or not ours
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise HistoshieldError(f"cannot listen on {host}:{port} ({e.strerror or e}): "
+                               "choose another --port or --host") from None  # fmt: skip
+
+    typer.echo(f"histoshield serve: http://{host}:{port}/ ({len(checkpoint)} model(s))")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 # ---- cross-validation ---------------------------------------------------------------------
 
 
