@@ -108,6 +108,9 @@ class ResultRow:
     n_excluded: int = 0
     seed: int = 0
     components: list[dict] | None = None  # per-component log of ensembles (autoattack-binary)
+    early_stop: bool | None = None  # images left the attack once misclassified (None: not run)
+    forward_passes: int | None = None  # image-passes without gradient spent crafting
+    gradient_passes: int | None = None  # image-passes with forward + input backward
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (components dropped when absent)."""
@@ -271,8 +274,17 @@ def run_attacks(
     keep_adv: bool = False,
     quality: bool = True,
     progress: bool = False,
+    early_stop: bool | None = None,
+    index: torch.Tensor | None = None,
 ) -> Iterator[Outcome]:
     """Attack (x, y) with every run on `model` and yield one `Outcome` per run and judge.
+
+    `early_stop` (default: on, unless the model is randomized — `default_eot` > 1 — where one
+    misclassified draw proves nothing) stops attacking an image once it is misclassified; an
+    attack's `early_stop` param (spec `pgd:early_stop=false`) overrides it. It only ever finds
+    more adversarial images than the full run, at a fraction of the passes (`forward_passes`,
+    `gradient_passes` in the row). `index` names the images globally (per-image randomness
+    derives from seed and index; default 0..N-1).
 
     `judges` ({name: model}) score the images crafted on `model` (named `source`); a judge that
     is not `model` itself marks its rows as transfer. `crafted` ({(run.name, eps): images})
@@ -291,8 +303,12 @@ def run_attacks(
         from tqdm.auto import tqdm
 
         runs = tqdm(runs, desc="attacks", unit="run", leave=False)
+    if early_stop is None:
+        early_stop = getattr(model, "default_eot", 1) <= 1
     for run in runs:
-        kw: dict[str, Any] = {"seed": seed, "batch_size": batch_size, **run.params}
+        kw: dict[str, Any] = {
+            "seed": seed, "batch_size": batch_size, "early_stop": early_stop, **run.params
+        }
         atk = create(run.attack, model, eps=run.eps, target=target, classes=classes, **kw)
         seconds: float | None = None
         reused = crafted.get((run.name, run.eps)) if crafted is not None else None
@@ -300,8 +316,10 @@ def run_attacks(
             adv = reused
         else:
             t0 = time.perf_counter()
-            adv = x.clone() if run.eps == 0 else atk(x, y.to(x.device))
+            by = () if index is None else (index,)
+            adv = x.clone() if run.eps == 0 else atk(x, y.to(x.device), *by)
             seconds = time.perf_counter() - t0
+        ran = reused is None and run.eps > 0
         qual = _quality_of(x, adv) if quality else {}
         queries = float(atk.queries.float().mean()) if atk.queries is not None else None
         for judge, scorer in scorers.items():
@@ -340,6 +358,9 @@ def run_attacks(
                 n_excluded=n_excluded,
                 seed=int(kw["seed"]),
                 components=list(atk.log) if getattr(atk, "log", None) else None,
+                early_stop=atk.early_stop if ran else None,
+                forward_passes=atk.passes["forward"] if ran else None,
+                gradient_passes=atk.passes["forward_backward"] if ran else None,
             )
             yield Outcome(
                 row, run, judge, clean_ok, adv_ok, p_clean, p_adv, adv if keep_adv else None
