@@ -4,7 +4,6 @@ input gradients."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoshield.errors import HistoshieldError
+from histoshield.runtime import image_seed
 from histoshield.specs import parse_number
 
 
@@ -87,12 +87,6 @@ def check_loss(loss: str) -> str:
     if key not in LOSSES:
         raise HistoshieldError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     return key
-
-
-def image_seed(seed: int, index: int, salt: str = "") -> int:
-    """A 63-bit seed for image `index` under run seed `seed`: the same on any rank or batch."""
-    digest = hashlib.blake2b(f"{int(seed)}:{int(index)}:{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def succeeded(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
