@@ -114,3 +114,31 @@ def test_randomness_is_per_image(name):
     shuffled = atk(x[perm], y[perm], perm)
     assert torch.allclose(whole, parts, atol=1e-6)
     assert torch.allclose(whole[perm], shuffled, atol=1e-6)
+
+
+# ---- speed options: bf16 autocast and channels_last (GPU options, checked here on CPU) -------
+
+AMP_TOLERANCE = 0.05  # docs/scaling.md: robust accuracy under amp within 5 points of float32
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "mifgsm", "square", "autoattack-binary"])
+def test_amp_and_channels_last_agree_with_float32(name):
+    from tests.helpers_models import tiny_cnn
+
+    model = tiny_cnn(2, seed=0)
+    x = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        z = model(x)
+        model[6].bias[1] -= (z[:, 1] - z[:, 0]).median()
+        y = model(x).argmax(1)
+    kw = {**CASES.get(name, {}), **({"max_queries": 60} if name == "square" else {})}
+    for eps in (1 / 255, 4 / 255):
+        ref = A.create(name, model, eps=eps, seed=0, early_stop=True, **kw)(x, y)
+        amp = A.create(name, model, eps=eps, seed=0, early_stop=True, amp=True, **kw)(x, y)
+        nhwc = A.create(name, model, eps=eps, seed=0, channels_last=True, early_stop=True,
+                        **kw)(x, y)  # fmt: skip
+        r_ref, r_amp = _robust(model, ref, y), _robust(model, amp, y)
+        assert abs(int(r_amp.sum()) - int(r_ref.sum())) <= AMP_TOLERANCE * len(y)
+        assert float((amp - x).abs().max()) <= eps + 1e-6
+        assert torch.equal(_robust(model, nhwc, y), r_ref)
+        assert torch.allclose(nhwc, ref, atol=1e-5)

@@ -61,8 +61,9 @@ class AutoAttackBinary(Attack):
         from histoshield.attacks import create
 
         params: dict = {
-            "eps": self.eps, "seed": self.seed, "eot": self.eot, "early_stop": self.early_stop
-        }
+            "eps": self.eps, "seed": self.seed, "eot": self.eot, "early_stop": self.early_stop,
+            "amp": self.amp, "channels_last": self.channels_last,
+        }  # fmt: skip
         if name == "square":
             params["max_queries"] = self.max_queries
         elif name in ("apgd-ce", "apgd-margin", "fab", "pgd", "bim", "mifgsm"):

@@ -115,6 +115,9 @@ class Attack:
     `passes` counts model evaluations per image over the last call: `forward` (no gradient) and
     `forward_backward` (input requires grad), for every attack including library ones.
     `early_stop=True` stops attacking an image once it is misclassified (see `LossAttack.walk`).
+    `amp=True` runs the model under bf16 autocast while crafting (the images stay float32 and
+    are scored in float32 by the harness); `channels_last=True` hands the model NHWC batches.
+    Both are speed options for GPUs; tests bound how much they change the results (docs/scaling.md).
     """
 
     name = "attack"
@@ -137,6 +140,8 @@ class Attack:
         eot: int | None = None,
         batch_size: int | None = None,
         early_stop: bool = False,
+        amp: bool = False,
+        channels_last: bool = False,
     ) -> None:
         self.model = model
         if eps is not None:
@@ -150,6 +155,8 @@ class Attack:
         self.eot = check_steps(eot if eot is not None else getattr(model, "default_eot", 1), "eot")
         self.batch_size = None if batch_size is None else check_steps(batch_size, "batch_size")
         self.early_stop = _check_bool(early_stop, "early_stop")
+        self.amp = _check_bool(amp, "amp")
+        self.channels_last = _check_bool(channels_last, "channels_last")
         self.generator: torch.Generator | None = None  # per batch, seeded from its image indices
         self.index: torch.Tensor | None = None  # global indices of the images in this batch
         self._image_gens: list[torch.Generator] = []
@@ -203,7 +210,8 @@ class Attack:
                 yb = y[i : i + bs].to(device)
                 tb = None if t is None else t[i : i + bs].to(device)
                 self.queries = None
-                adv = self.perturb(xb, yb, tb).detach()
+                with self._fast(device):
+                    adv = self.perturb(self._layout(xb), yb, tb).detach()
                 if not self.output_in_ball:
                     adv = self.project(xb, adv)
                 if adv.data_ptr() == xb.data_ptr():  # never hand back the caller's storage
@@ -320,6 +328,13 @@ class Attack:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
 
     # ---- internals ------------------------------------------------------------------------
+    def _fast(self, device: torch.device):
+        """bf16 autocast on `device` when `amp` (a no-op context otherwise)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _seed_batch(self, index: torch.Tensor, device: torch.device) -> None:
         """Per-image generators for this batch, and one batch generator (for library attacks,
         which draw per batch) seeded from the seed and the batch's image indices."""
@@ -416,7 +431,7 @@ class LossAttack(Attack):
             if k == 0 and record:
                 self.record_grad(grad)
             if self.early_stop:
-                hit = succeeded(logits, y, t)
+                hit = self._confirmed(succeeded(logits, y, t), adv, y, t)
                 if bool(hit.any()):
                     rows = torch.arange(n, device=x.device) if live is None else live
                     out[rows[hit]] = adv[hit]
@@ -436,7 +451,7 @@ class LossAttack(Attack):
                 logits = self.model(adv)
             last = self.objective(logits, y, t)
             if self.early_stop:
-                hit = succeeded(logits, y, t)
+                hit = self._confirmed(succeeded(logits, y, t), adv, y, t)
                 rows = torch.arange(n, device=x.device) if live is None else live
                 fooled[rows[hit]] = True
             loss = _inf_loss(fooled)
@@ -449,6 +464,19 @@ class LossAttack(Attack):
         elif adv is not out:
             out = adv
         return out, fooled, loss
+
+    def _confirmed(
+        self, hit: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Under `amp`, re-check bf16 hits in float32 (only those images): an image is frozen
+        only if the float32 model — the one that is scored — is fooled too."""
+        if not self.amp or not bool(hit.any()):
+            return hit
+        with torch.autocast(adv.device.type, enabled=False), torch.no_grad():
+            ok = succeeded(self.model(adv[hit].float()), y[hit], None if t is None else t[hit])
+        hit = hit.clone()
+        hit[hit.clone()] = ok
+        return hit
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, loss={self.loss})"
@@ -472,7 +500,15 @@ def _device_of(model: nn.Module, x: torch.Tensor) -> torch.device:
 
 class LibraryAttack(Attack):
     """Base for attacks delegated to torchattacks: forks torch's RNG so their global reseeding
-    neither leaks out nor depends on what ran before."""
+    neither leaks out nor depends on what ran before. They always run in float32 on contiguous
+    batches (`amp`/`channels_last` are ignored: torchattacks' FAB reshapes with `.view`, and
+    its bookkeeping assumes float32 logits)."""
+
+    def _fast(self, device: torch.device):
+        return torch.autocast(device.type, enabled=False)  # also inside an amp ensemble
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
 
     def run_library(self, atk, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Run a torchattacks attack deterministically on one batch."""

@@ -29,6 +29,6 @@ class FGSM(LossAttack):
         # In place on our own gradient buffer: one fused add, one clip, no temporaries.
         adv = torch.add(x, grad.sign_(), alpha=self.eps).clamp_(0.0, 1.0)
         if self.early_stop:  # an image misclassified already stays put (the step could undo it)
-            hit = succeeded(logits, y, t)
+            hit = self._confirmed(succeeded(logits, y, t), x, y, t)
             adv[hit] = x[hit]
         return adv

@@ -36,6 +36,11 @@ class Square(Attack):
         self.max_queries = check_steps(max_queries, "max_queries")
         self.p_init = float(p_init)
 
+    def _fast(self, device: torch.device):
+        # accept/stop decisions compare margins: bf16 logits would accept non-improvements and
+        # stop on images float32 still classifies correctly, so Square always runs in float32
+        return torch.autocast(device.type, enabled=False)
+
     def _p(self, i: int) -> float:
         i = int(i / self.max_queries * 10000)  # the paper's schedule is tuned for 10k queries
         return self.p_init / 2 ** sum(i > b for b in _SCHEDULE)
