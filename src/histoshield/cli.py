@@ -84,6 +84,18 @@ def data_synth(
 # ---- torchrun -------------------------------------------------------------------------------
 
 
+def _one_process_only(command: str) -> None:
+    """study and cv do not shard their stages yet: refuse torchrun instead of N racing copies."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise HistoshieldError(
+            f"{command} does not run under torchrun yet (each rank would run the whole "
+            f"protocol): run it as one process, or use torchrun for its train / attack / "
+            f"evaluate / certify steps"
+        )
+
+
 class _Ranks:
     """Under torchrun (WORLD_SIZE > 1): this rank's group and device; alone: nothing."""
 
@@ -403,6 +415,7 @@ def study(
     """The paper's protocol end to end: split, train, attack, defend, certify, report."""
     from histoshield.study import load_study_config, run_study
 
+    _one_process_only("study")
     cfg = load_study_config(config, data=data, seed=seed)
     echo = None if quiet else typer.echo
     res = run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
@@ -443,6 +456,7 @@ def cv_cmd(
     """K-fold cross-validation grouped by patient: pooled metrics with CIs, per-patient table."""
     from histoshield.cv import resolve_cv_config, run_cv, run_leak_comparison
 
+    _one_process_only("cv")
     both = group_by == "both"
     if both and folds_file:
         raise HistoshieldError("--folds-file fixes one grouping; not with --group-by both")

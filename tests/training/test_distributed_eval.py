@@ -136,3 +136,15 @@ def test_a_failing_rank_stops_the_job_with_its_message(ckpt, tmp_path):
     assert res.returncode != 0
     assert "error: rank 0:" in res.stderr and "train" in res.stderr
     assert not (train_run / "results.json").exists()
+
+
+@pytest.mark.parametrize("command", [["study"], ["cv", "--data", "synthetic"]])
+def test_study_and_cv_refuse_torchrun_in_one_line(command, capsys, monkeypatch):
+    from tests.helpers_cli import run_cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run_cli(capsys, *command)
+    assert code == 2
+    assert err.startswith("error: rank 1: ") and "does not run under torchrun" in err
+    assert len(err.strip().splitlines()) == 1
