@@ -50,7 +50,10 @@ def stages(n: int, epochs: int = EPOCHS) -> dict[str, dict[str, float]]:
     # curves + extra attacks per model on the test split, naive budget (a robust model)
     per_img_f = EPS_NONZERO * (FGSM[0] + PGD20x2[0] + AA_ROBUST[0]) + 3 * (EPS_NONZERO + 1)
     per_img_b = EPS_NONZERO * (FGSM[1] + PGD20x2[1] + AA_ROBUST[1])
-    sanity_b = PROBE * (20 + EPS_NONZERO * (1 + 40 + 400)) * 3  # per attack spec, per model
+    # self-checks per model: per attack spec 2 gradient probes + PGD-20 at eps 1, and per eps
+    # FGSM + the iterative comparison (BIM-10 for fgsm, the attack itself otherwise)
+    sanity_b = PROBE * sum(22 + EPS_NONZERO * (1 + it) for it in (10, PGD20x2[1], AA_ROBUST[1]))
+    sanity_f = PROBE * EPS_NONZERO * AA_ROBUST[0]
     return {
         "train original": plain,
         "train gaussian": plain,
@@ -58,7 +61,8 @@ def stages(n: int, epochs: int = EPOCHS) -> dict[str, dict[str, float]]:
         "train trades (10 steps)": trades,
         "attack curves, 4 models, test split (naive)": {
             "forward": models * te * per_img_f, "forward_backward": models * te * per_img_b},
-        "sanity checks (64 probe images)": {"forward_backward": models * sanity_b},
+        "sanity checks (64 probe images)": {"forward_backward": models * sanity_b,
+                                            "forward": models * sanity_f},
         "certify gaussian, n0+n = 10,100 (test split)": {"forward": te * 10100},
         "transfer + clean metrics": {"forward": models * te * (2 * EPS_NONZERO + 2)},
     }  # fmt: skip
@@ -85,6 +89,37 @@ def seconds(passes: dict[str, float], cost: dict[str, float]) -> float:
     return sum(v * cost[k] for k, v in passes.items())
 
 
+def check(costs: dict, early: Path, model: str, train_run: Path | None) -> list[dict]:
+    """Predicted vs measured seconds of small measured runs: the attacks of
+    benchmarks/early_stop.py (their counted passes × per-pass costs) and, if given, a training
+    run folder (train-split images × train_step + validation images × forward)."""
+    name, _, size = model.partition(":")
+    row = next(r for r in costs["rows"] if r["model"] == name and r["image_size"] == int(size))
+    out = []
+    for r in json.loads(early.read_text())["rows"]:
+        for mode in ("full", "early"):
+            pred = (r[f"gradient_passes_{mode}"] * row["forward_backward"]
+                    + r[f"forward_passes_{mode}"] * row["forward"])  # fmt: skip
+            out.append({"run": f"{r['attack']} ({mode}, {r['n']} images)", "predicted_s": pred,
+                        "measured_s": r[f"seconds_{mode}"]})  # fmt: skip
+    if train_run is not None:
+        import csv
+
+        res = json.loads((train_run / "results.json").read_text())
+        with open(train_run / "split.csv", newline="") as f:
+            splits = [r["split"] for r in csv.DictReader(f)]
+        n_tr, n_va = splits.count("train"), splits.count("val")
+        epochs = int(res["epochs_run"])
+        pred = epochs * (n_tr * row["train_step"] + n_va * row["forward"])
+        out.append({"run": f"train {epochs} epoch(s), {n_tr} train + {n_va} val images",
+                    "predicted_s": pred, "measured_s": res["train_seconds"]})  # fmt: skip
+    for o in out:
+        o["measured_over_predicted"] = o["measured_s"] / o["predicted_s"]
+        print(f"{o['run']:<62} predicted {o['predicted_s']:>7.1f} s  measured "
+              f"{o['measured_s']:>7.1f} s  ratio {o['measured_over_predicted']:.2f}")  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--costs", default=str(Path(__file__).parent / "results" / "cost_model.json"))
@@ -94,10 +129,17 @@ def main() -> None:
     ap.add_argument("--gpu-speedup", type=float, default=1.0, help="scale the assumed GPU rates")
     ap.add_argument("--efficiency", type=float, default=0.9, help="assumed N-GPU efficiency")
     ap.add_argument("--broken", type=float, default=0.9, help="audit: fraction broken")
+    ap.add_argument("--check-early", help="early_stop.json to check the model against")
+    ap.add_argument("--check-model", default="efficientnet_lite0:96", help="its model:size")
+    ap.add_argument("--check-train", help="a training run folder to check the model against")
     ap.add_argument("--json-out", default=str(Path(__file__).parent / "results" /
                                               "predict_protocol.json"))  # fmt: skip
     args = ap.parse_args()
     data = json.loads(Path(args.costs).read_text())
+    checks = []
+    if args.check_early:
+        train_run = Path(args.check_train) if args.check_train else None
+        checks = check(data, Path(args.check_early), args.check_model, train_run)
     name, _, size = args.model.partition(":")
     row = next(r for r in data["rows"] if r["model"] == name and r["image_size"] == int(size))
     cpu = {k: row[k] for k in ("forward", "forward_backward", "train_step")}
@@ -121,7 +163,7 @@ def main() -> None:
     write_json(args.json_out, {"model": args.model, "n": args.n, "cpu_costs": cpu,
                                "gpu_assumed_costs": gpu, "efficiency": args.efficiency,
                                "columns": cols, "stages": out, "protocol_total_hours": totals,
-                               "cost_source": args.costs})  # fmt: skip
+                               "cost_source": args.costs, "checks": checks})  # fmt: skip
     print(f"wrote {args.json_out}")
 
 
