@@ -369,7 +369,10 @@ def run_attacks(
         early_stop = getattr(model, "default_eot", 1) <= 1
     for run in runs:
         kw: dict[str, Any] = {
-            "seed": seed, "batch_size": batch_size, "early_stop": early_stop, **run.params
+            "seed": seed,
+            "batch_size": batch_size,
+            "early_stop": early_stop,
+            **run.params,
         }
         atk = create(run.attack, model, eps=run.eps, target=target, classes=classes, **kw)
         seconds: float | None = None

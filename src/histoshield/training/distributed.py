@@ -183,9 +183,7 @@ def _all_gather_padded(t: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
     return [p[: int(s)].cpu() for p, s in zip(parts, sizes, strict=True)]
 
 
-def gather_rows(
-    t: torch.Tensor, mine: torch.Tensor, n: int, ctx: DistContext
-) -> torch.Tensor:
+def gather_rows(t: torch.Tensor, mine: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
     """The full (n, ...) tensor, in global index order, from each rank's rows `t` of images
     `mine` (from `batch_shard`); on every rank. Alone: `t` itself."""
     if not ctx.distributed:
