@@ -85,14 +85,14 @@ def data_synth(
 
 
 def _one_process_only(command: str) -> None:
-    """study and cv do not shard their stages yet: refuse torchrun instead of N racing copies."""
+    """cv does not shard its stages yet: refuse torchrun instead of N racing copies."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HistoshieldError(
             f"{command} does not run under torchrun yet (each rank would run the whole "
             f"protocol): run it as one process, or use torchrun for its train / attack / "
-            f"evaluate / certify steps"
+            f"evaluate / certify steps, or for study"
         )
 
 
@@ -415,10 +415,13 @@ def study(
     """The paper's protocol end to end: split, train, attack, defend, certify, report."""
     from histoshield.study import load_study_config, run_study
 
-    _one_process_only("study")
     cfg = load_study_config(config, data=data, seed=seed)
-    echo = None if quiet else typer.echo
-    res = run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
+    with _Ranks(cfg.train.device) as ranks:  # torchrun: DDP training, sharded evaluation
+        echo = None if quiet or not ranks.main else typer.echo
+        res = run_study(cfg, out, resume=resume, overwrite=overwrite,
+                        progress=not quiet and ranks.main, echo=echo, dist=ranks.ctx)  # fmt: skip
+    if not ranks.main:
+        return
     for name, info in res.get("models", {}).items():
         if info.get("degenerate"):
             typer.echo(f"warning: model {name}: {info['degenerate']}", err=True)

@@ -89,6 +89,12 @@ class Context:
     progress: bool
     echo: Callable[[str], None]
     cache: dict[str, Any] = field(default_factory=dict)
+    dist: Any = None  # training.distributed.DistContext under torchrun
+
+    @property
+    def main(self) -> bool:
+        """True on the one process that writes (rank 0, or alone)."""
+        return self.dist is None or self.dist.is_main
 
     @property
     def model_names(self) -> list[str]:
@@ -203,16 +209,26 @@ def run_study(
     overwrite: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    dist: Any = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage of the study into `out`; returns the final results.json."""
+    """Run (or resume) every stage of the study into `out`; returns the final results.json.
+
+    Under torchrun (`dist`) every rank runs every stage — training with DDP, evaluation
+    sharded by the harness — and waits for the others after each; rank 0 alone claims `out`
+    and writes (the other ranks read what it wrote: the split, the checkpoints, state.json).
+    """
+    from contextlib import nullcontext
+
     from histoshield.runfolder import claim
 
     check_study_config(cfg)  # a typo in an attack or defense fails now, not after training
     out = Path(out).expanduser().resolve()
-    with claim(out, "study", resume=resume, overwrite=overwrite):
+    main = dist is None or dist.is_main
+    with claim(out, "study", resume=resume, overwrite=overwrite) if main else nullcontext():
         return _run_study(
-            cfg, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo
-        )
+            cfg, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo,
+            dist=dist,
+        )  # fmt: skip
 
 
 def _run_study(
@@ -223,10 +239,66 @@ def _run_study(
     overwrite: bool,
     progress: bool,
     echo: Callable[[str], None] | None,
+    dist: Any = None,
 ) -> dict[str, Any]:
+    main = dist is None or dist.is_main
+    if not main:
+        progress, echo = False, (lambda s: None)
     say = echo or (print if progress else _stderr)  # a kept-stages note shows even when quiet
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(cfg)
+    state_path = out / STATE
+    state: dict[str, Any] | None = None
+    results: dict[str, Any] | None = None
+    if main:  # rank 0 checks, clears and records; the other ranks get its state below
+        state, results = _start_state(out, cfg, cfg_text, resume=resume, overwrite=overwrite,
+                                      say=say)  # fmt: skip
+    device = dist.device if dist is not None else pick_device(cfg.train.device)
+    env = environment(device)
+    if dist is not None:
+        env["world_size"] = dist.world
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", cfg_text)
+        write_json(out / "env.json", env)
+    if dist is not None:  # every rank continues from rank 0's state and results
+        from histoshield.training.distributed import gather_json
+
+        state, results = gather_json([state, results] if main else None, dist)[0]
+    assert state is not None and results is not None
+    results.update(name=cfg.name, config=cfg.model_dump(mode="json"), env=env)
+    results.setdefault("timings", {})
+    ctx = Context(cfg, out, results, device, progress, echo, dist=dist)
+    stages = build_stages(cfg)
+    for i, stage in enumerate(stages):
+        if stage.name in state["finished"]:
+            continue
+        echo(f"[{i + 1}/{len(stages)}] {stage.name}")
+        seed_everything(cfg.seed)
+        t0 = time.perf_counter()
+        new = stage.fn(ctx) or {}
+        _merge(results, new)
+        results["timings"][stage.name] = round(time.perf_counter() - t0, 3)
+        results["total_seconds"] = round(sum(results["timings"].values()), 3)
+        state["finished"].append(stage.name)
+        if main:
+            write_json(out / RESULTS, results)
+            write_json(state_path, state)  # after results: a stage counts once its numbers exist
+        if dist is not None:
+            dist.barrier()  # the next stage may read what rank 0 just wrote
+    if "report" in state["finished"] and main:
+        # the report stage ran before the final timing was known: refresh it with every stage
+        from histoshield.report import build_report
+
+        build_report(out)
+    echo(f"report: {out / 'report.html'}")
+    return results
+
+
+def _start_state(
+    out: Path, cfg: StudyConfig, cfg_text: str, *, resume: bool, overwrite: bool, say
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, results) to start from: a fresh study, a cleared one, or the one resumed."""
     state_path = out / STATE
     if state_path.is_file() and not resume:
         if not overwrite:
@@ -240,38 +312,8 @@ def _run_study(
         if state.get("config_sha256") != _config_digest(cfg_text):
             _accept_changed_config(out, cfg, state, say)
         results = _read_json(out / RESULTS) if (out / RESULTS).is_file() else {}
-    else:
-        state = {"finished": [], "config_sha256": _config_digest(cfg_text)}
-        results = {}
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", cfg_text)
-    device = pick_device(cfg.train.device)
-    env = environment(device)
-    write_json(out / "env.json", env)
-    results.update(name=cfg.name, config=cfg.model_dump(mode="json"), env=env)
-    results.setdefault("timings", {})
-    ctx = Context(cfg, out, results, device, progress, echo)
-    stages = build_stages(cfg)
-    for i, stage in enumerate(stages):
-        if stage.name in state["finished"]:
-            continue
-        echo(f"[{i + 1}/{len(stages)}] {stage.name}")
-        seed_everything(cfg.seed)
-        t0 = time.perf_counter()
-        new = stage.fn(ctx) or {}
-        _merge(results, new)
-        results["timings"][stage.name] = round(time.perf_counter() - t0, 3)
-        results["total_seconds"] = round(sum(results["timings"].values()), 3)
-        write_json(out / RESULTS, results)
-        state["finished"].append(stage.name)
-        write_json(state_path, state)  # after results: a stage counts only once its numbers exist
-    if "report" in state["finished"]:
-        # the report stage ran before the final timing was known: refresh it with every stage
-        from histoshield.report import build_report
-
-        build_report(out)
-    echo(f"report: {out / 'report.html'}")
-    return results
+        return state, results
+    return {"finished": [], "config_sha256": _config_digest(cfg_text)}, {}
 
 
 def _stderr(line: str) -> None:
@@ -358,11 +400,14 @@ def _model(ctx: Context, name: str) -> torch.nn.Module:
 def _predict(ctx: Context, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from histoshield.evaluation.predict import predict_proba
 
-    return predict_proba(model, x, batch_size=ctx.cfg.batch_size, device=ctx.device)
+    return predict_proba(model, x, batch_size=ctx.cfg.batch_size, device=ctx.device, dist=ctx.dist)
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _save_npz(ctx: Context, path: Path, **arrays: np.ndarray) -> None:
     from histoshield.runtime import atomic_write
+
+    if not ctx.main:
+        return
 
     def _write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -521,7 +566,8 @@ def _stage_split(ctx: Context) -> dict[str, Any]:
         if by == "auto":
             by = "patient" if all(r.patient for r in iset.records) else "image"
         split = make_split(iset, by=by, val=cfg.train.val, test=cfg.train.test, seed=cfg.seed)
-    write_split(ctx.out / "split.csv", split)
+    if ctx.main:
+        write_split(ctx.out / "split.csv", split)
     ctx.cache.pop("split", None)
     patients = None
     if all(r.patient for r in split.records):
@@ -592,7 +638,7 @@ def _figure4(ctx: Context) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(ctx.cfg.seed)
     x = torch.from_numpy(img).float() / 255.0
     noisy = (x + ctx.cfg.gaussian_sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
-    _save_npz(ctx.out / "examples" / "figure4.npz", image=img, noisy=noisy.numpy())
+    _save_npz(ctx, ctx.out / "examples" / "figure4.npz", image=img, noisy=noisy.numpy())
     return {"figure4": {"sigma": ctx.cfg.gaussian_sigma}}
 
 
@@ -634,6 +680,7 @@ def _harness(ctx: Context, model, x, y, runs, **kw: Any):
         batch_size=ctx.cfg.batch_size,
         seed=ctx.cfg.seed,
         device=ctx.device,
+        dist=ctx.dist,
         **kw,
     )
 
@@ -747,7 +794,7 @@ def _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes) -> dict[str, Any]:
     pool = flipped if bool(flipped.any()) else torch.ones_like(flipped)
     i = int(torch.where(pool, conf, torch.full_like(conf, -1.0)).argmax())
     _save_npz(
-        ctx.out / "examples" / "figure6.npz", original=x[i].numpy(), adversarial=adv[i].numpy()
+        ctx, ctx.out / "examples" / "figure6.npz", original=x[i].numpy(), adversarial=adv[i].numpy()
     )
     pc, pa = int(p_clean[i].argmax()), int(p_adv[i].argmax())
     return {
@@ -851,8 +898,10 @@ def _stage_certify(ctx: Context) -> dict[str, Any]:
         seed=ctx.cfg.seed,
         device=ctx.device,
         progress=ctx.progress,
+        dist=ctx.dist,
     )
-    write_json(ctx.out / "certify.json", res)
+    if ctx.main:
+        write_json(ctx.out / "certify.json", res)
     summary = {k: v for k, v in res.items() if k != "rows"}
     summary["model"] = GAUSSIAN
     summary["abstain"] = int(sum(r["abstained"] for r in res["rows"]))
@@ -894,6 +943,7 @@ def _stage_sanity(ctx: Context) -> dict[str, Any]:
 def _stage_report(ctx: Context) -> dict[str, Any]:
     from histoshield.report import build_report
 
-    write_json(ctx.out / RESULTS, ctx.results)  # the report reads only what is on disk
-    build_report(ctx.out)
+    if ctx.main:
+        write_json(ctx.out / RESULTS, ctx.results)  # the report reads only what is on disk
+        build_report(ctx.out)
     return {}

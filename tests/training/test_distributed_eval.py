@@ -138,8 +138,8 @@ def test_a_failing_rank_stops_the_job_with_its_message(ckpt, tmp_path):
     assert not (train_run / "results.json").exists()
 
 
-@pytest.mark.parametrize("command", [["study"], ["cv", "--data", "synthetic"]])
-def test_study_and_cv_refuse_torchrun_in_one_line(command, capsys, monkeypatch):
+@pytest.mark.parametrize("command", [["cv", "--data", "synthetic"]])
+def test_cv_refuses_torchrun_in_one_line(command, capsys, monkeypatch):
     from tests.helpers_cli import run_cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -148,3 +148,40 @@ def test_study_and_cv_refuse_torchrun_in_one_line(command, capsys, monkeypatch):
     assert code == 2
     assert err.startswith("error: rank 1: ") and "does not run under torchrun" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_study_on_two_ranks_then_resumed_alone_gives_the_same_results(tmp_path):
+    """A study under torchrun (DDP training, sharded evaluation) finishes; resuming a copy
+    from its trained models in one process recomputes every evaluation stage to the same
+    results.json (timings aside): the sharded stages are the one-process stages."""
+    import shutil
+
+    import yaml
+
+    tiny = {
+        "name": "tiny", "seed": 3, "data": "synthetic:n=96,size=32,seed=1",
+        "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+        "curve_eps": [0, "4/255"], "curve_attacks": ["fgsm", "pgd:steps=3"],
+        "certify": {"n0": 10, "n": 40, "limit": 8}, "batch_size": 32,
+    }  # fmt: skip
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny))
+    two = tmp_path / "two"
+    res = _histoshield(["study", "--config", str(cfg), "--out", str(two), "--quiet"], 2)
+    assert res.returncode == 0, res.stderr
+    state = json.loads((two / "state.json").read_text())
+    assert state["finished"][-1] == "report"
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    one = tmp_path / "one"
+    shutil.copytree(two, one)
+    state["finished"] = [s for s in state["finished"] if s == "split" or s.startswith("train")]
+    (one / "state.json").write_text(json.dumps(state))
+    res = _histoshield(["study", "--config", str(cfg), "--out", str(one), "--resume",
+                        "--quiet"], 1)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    volatile = TIMING | {"train_seconds", "wall_seconds", "timings", "total_seconds", "env"}
+    a = _drop(json.loads((one / "results.json").read_text()), volatile)
+    b = _drop(json.loads((two / "results.json").read_text()), volatile)
+    assert a["curves"] and a["certified"]
+    assert a == b
