@@ -84,18 +84,6 @@ def data_synth(
 # ---- torchrun -------------------------------------------------------------------------------
 
 
-def _one_process_only(command: str) -> None:
-    """cv does not shard its stages yet: refuse torchrun instead of N racing copies."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise HistoshieldError(
-            f"{command} does not run under torchrun yet (each rank would run the whole "
-            f"protocol): run it as one process, or use torchrun for its train / attack / "
-            f"evaluate / certify steps, or for study"
-        )
-
-
 class _Ranks:
     """Under torchrun (WORLD_SIZE > 1): this rank's group and device; alone: nothing."""
 
@@ -459,7 +447,6 @@ def cv_cmd(
     """K-fold cross-validation grouped by patient: pooled metrics with CIs, per-patient table."""
     from histoshield.cv import resolve_cv_config, run_cv, run_leak_comparison
 
-    _one_process_only("cv")
     both = group_by == "both"
     if both and folds_file:
         raise HistoshieldError("--folds-file fixes one grouping; not with --group-by both")
@@ -470,14 +457,20 @@ def cv_cmd(
         data=data, seed=seed, epochs=epochs, image_size=image_size,
         target_sensitivity=target_sensitivity,
     )  # fmt: skip
-    echo = (lambda s: None) if quiet else typer.echo
+    with _Ranks(tcfg.device) as ranks:  # torchrun: DDP training, sharded evaluation
+        echo = (lambda s: None) if quiet or not ranks.main else typer.echo
+        kw = {"resume": resume, "progress": not quiet and ranks.main, "echo": echo,
+              "dist": ranks.ctx}  # fmt: skip
+        if both:
+            page = run_leak_comparison(tcfg, cv, out, **kw)
+        else:
+            run_cv(tcfg, cv, out, folds_file=folds_file, **kw)
+    if not ranks.main:
+        return
     if both:
-        page = run_leak_comparison(tcfg, cv, out, resume=resume, progress=not quiet, echo=echo)
         typer.echo(f"comparison: {page}")
-    else:
-        run_cv(tcfg, cv, out, resume=resume, folds_file=folds_file, progress=not quiet, echo=echo)
-        if quiet:
-            typer.echo(f"report: {out}/report.html")
+    elif quiet:
+        typer.echo(f"report: {out}/report.html")
 
 
 def _fail(message: str, code: int) -> None:

@@ -138,18 +138,6 @@ def test_a_failing_rank_stops_the_job_with_its_message(ckpt, tmp_path):
     assert not (train_run / "results.json").exists()
 
 
-@pytest.mark.parametrize("command", [["cv", "--data", "synthetic"]])
-def test_cv_refuses_torchrun_in_one_line(command, capsys, monkeypatch):
-    from tests.helpers_cli import run_cli
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    code, _, err = run_cli(capsys, *command)
-    assert code == 2
-    assert err.startswith("error: rank 1: ") and "does not run under torchrun" in err
-    assert len(err.strip().splitlines()) == 1
-
-
 @pytest.mark.slow
 def test_study_on_two_ranks_then_resumed_alone_gives_the_same_results(tmp_path):
     """A study under torchrun (DDP training, sharded evaluation) finishes; resuming a copy
@@ -184,4 +172,41 @@ def test_study_on_two_ranks_then_resumed_alone_gives_the_same_results(tmp_path):
     a = _drop(json.loads((one / "results.json").read_text()), volatile)
     b = _drop(json.loads((two / "results.json").read_text()), volatile)
     assert a["curves"] and a["certified"]
+    assert a == b
+
+
+@pytest.mark.slow
+def test_cv_on_two_ranks_then_resumed_alone_gives_the_same_results(tmp_path):
+    """A CV under torchrun finishes; a copy that keeps only the trained fold models, resumed in
+    one process, re-evaluates every fold (predictions, FGSM/PGD rows) to the same results."""
+    import shutil
+
+    import yaml
+
+    tiny = {
+        "name": "tiny-cv", "seed": 2, "data": "synthetic:n=96,size=32,seed=1",
+        "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+        "cv": {"folds": 3, "attacks": ["fgsm", "pgd:steps=3"], "eps": "4/255",
+               "batch_size": 32},
+    }  # fmt: skip
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny))
+    two = tmp_path / "two"
+    res = _histoshield(["cv", "--config", str(cfg), "--out", str(two), "--quiet"], 2)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    one = tmp_path / "one"
+    shutil.copytree(two, one)
+    for f in [*one.glob("fold_*/oof.csv"), *one.glob("fold_*/fold.json"), one / "oof.csv",
+              one / "results.json"]:  # fmt: skip
+        f.unlink()
+    state = json.loads((one / "state.json").read_text())
+    state["finished"] = []
+    (one / "state.json").write_text(json.dumps(state))
+    res = _histoshield(["cv", "--config", str(cfg), "--out", str(one), "--resume", "--quiet"], 1)
+    assert res.returncode == 0, res.stderr
+    volatile = TIMING | {"seconds_per_fold", "env", "train_seconds", "wall_seconds", "history"}
+    a = _drop(json.loads((one / "results.json").read_text()), volatile)
+    b = _drop(json.loads((two / "results.json").read_text()), volatile)
+    assert all(f["robustness"] for f in a["folds"])
     assert a == b
