@@ -61,10 +61,11 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def _env() -> dict[str, str]:
-    # one thread per process in both runs: another thread count sums in another order
+    """CPU and gloo (two ranks on one GPU would fail in NCCL), one thread per process in both
+    runs (another thread count sums in another order and changes last bits)."""
     return {
         **os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1",
-        "HISTOSHIELD_DIST_TIMEOUT": "60", "MPLBACKEND": "Agg",
+        "HISTOSHIELD_DIST_TIMEOUT": "60", "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": "",
     }  # fmt: skip
 
 
@@ -91,7 +92,7 @@ def _drop(obj, keys):
 def test_attack_on_two_ranks_equals_one_process(ckpt, tmp_path):
     # batch 8 over 20 test images: 3 batches, so rank 0 gets 2 (one partial), rank 1 one
     args = ["attack", "-c", str(ckpt), "--attack", "pgd:steps=3", "--eps", "0,8/255",
-            "--batch-size", "8", "--json"]  # fmt: skip
+            "--batch-size", "8", "--json", "--device", "cpu"]  # fmt: skip
     one = _histoshield([*args, "--out", str(tmp_path / "one")], 1)
     two = _histoshield([*args, "--out", str(tmp_path / "two")], 2)
     assert one.returncode == 0, one.stderr
@@ -108,13 +109,13 @@ def test_attack_on_two_ranks_equals_one_process(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_and_certify_on_two_ranks_equal_one_process(ckpt, tmp_path):
-    ev = ["evaluate", "-c", str(ckpt), "--json", "--subset", "all"]
+    ev = ["evaluate", "-c", str(ckpt), "--json", "--subset", "all", "--device", "cpu"]
     one, two = _histoshield(ev, 1), _histoshield(ev, 2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert one.stdout == two.stdout  # byte for byte: no wall-clock fields
     assert json.loads(two.stdout)["n"] == 40
     cert = ["certify", "-c", str(ckpt), "--sigma", "0.25", "--n0", "5", "--n", "20",
-            "--limit", "5", "--json"]  # fmt: skip
+            "--limit", "5", "--json", "--device", "cpu"]  # fmt: skip
     one = _histoshield([*cert, "--out", str(tmp_path / "c1")], 1)
     two = _histoshield([*cert, "--out", str(tmp_path / "c2")], 2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
@@ -132,7 +133,7 @@ def test_a_failing_rank_stops_the_job_with_its_message(ckpt, tmp_path):
     train_run.mkdir()
     (train_run / "metrics.csv").write_text("epoch\n1\n")
     res = _histoshield(["attack", "-c", str(ckpt), "--attack", "fgsm", "--eps", "0,8/255",
-                        "--out", str(train_run)], 2)  # fmt: skip
+                        "--out", str(train_run), "--device", "cpu"], 2)  # fmt: skip
     assert res.returncode != 0
     assert "error: rank 0:" in res.stderr and "train" in res.stderr
     assert not (train_run / "results.json").exists()
@@ -149,7 +150,8 @@ def test_study_on_two_ranks_then_resumed_alone_gives_the_same_results(tmp_path):
 
     tiny = {
         "name": "tiny", "seed": 3, "data": "synthetic:n=96,size=32,seed=1",
-        "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+        "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16,
+                  "device": "cpu"},  # gloo: also on a machine with one GPU
         "curve_eps": [0, "4/255"], "curve_attacks": ["fgsm", "pgd:steps=3"],
         "certify": {"n0": 10, "n": 40, "limit": 8}, "batch_size": 32,
     }  # fmt: skip
@@ -185,7 +187,8 @@ def test_cv_on_two_ranks_then_resumed_alone_gives_the_same_results(tmp_path):
 
     tiny = {
         "name": "tiny-cv", "seed": 2, "data": "synthetic:n=96,size=32,seed=1",
-        "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+        "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16,
+                  "device": "cpu"},  # gloo: also on a machine with one GPU
         "cv": {"folds": 3, "attacks": ["fgsm", "pgd:steps=3"], "eps": "4/255",
                "batch_size": 32},
     }  # fmt: skip
