@@ -225,16 +225,3 @@ def sum_over_ranks(values: dict[str, int], ctx: DistContext) -> dict[str, int]:
 def shares(n: int, batch_size: int, world: int) -> list[int]:
     """How many of `n` images each rank evaluates (for env.json)."""
     return [len(batch_shard(n, batch_size, DistContext(rank=r, world=world))) for r in range(world)]
-
-
-def current() -> DistContext:
-    """The context of this process when it runs under torchrun with a joined group, else a
-    one-process context (used by commands that shard evaluation)."""
-    if dist.is_available() and dist.is_initialized():
-        dev = pick_device("auto")
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local % max(1, torch.cuda.device_count()))
-        return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local,
-                           device=dev)  # fmt: skip
-    return DistContext()
