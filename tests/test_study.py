@@ -37,6 +37,8 @@ TINY = {
 VOLATILE = {
     "seconds",
     "images_per_second",
+    "forward_passes",  # crafting cost, like seconds: None where curves' images were reused
+    "gradient_passes",
     "train_seconds",
     "wall_seconds",
     "timings",

@@ -81,6 +81,36 @@ def data_synth(
     typer.echo(f"wrote {len(ims.records)} tiles of {size}px to {ims.root}")
 
 
+# ---- torchrun -------------------------------------------------------------------------------
+
+
+class _Ranks:
+    """Under torchrun (WORLD_SIZE > 1): this rank's group and device; alone: nothing."""
+
+    def __init__(self, device: str) -> None:
+        import os
+
+        self.ctx = None
+        self.device = device
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from histoshield.training.distributed import setup
+
+            self.ctx = setup(device)
+            self.device = str(self.ctx.device)
+
+    @property
+    def main(self) -> bool:
+        """True on rank 0 (or alone): the one process that prints."""
+        return self.ctx is None or self.ctx.is_main
+
+    def __enter__(self) -> _Ranks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ctx is not None:
+            self.ctx.close()
+
+
 # ---- train / evaluate / predict -----------------------------------------------------------
 
 _RESUME_HELP = "Continue the run in RUN (or --out) from its last.pt, with its config.yaml."
@@ -182,19 +212,22 @@ def evaluate_cmd(
     from histoshield.evaluation.predict import evaluate_checkpoint, format_metrics
     from histoshield.runtime import _json_safe
 
-    m = evaluate_checkpoint(
-        checkpoint,
-        data=data,
-        split=split,
-        subset=subset,
-        only=only,
-        purify=purify,
-        skip_bad=skip_bad,
-        device=device,
-        classes=classes,
-        allow_patient_leak=allow_patient_leak,
-    )
-    typer.echo(json.dumps(_json_safe(m)) if json_out else format_metrics(m))
+    with _Ranks(device) as ranks:
+        m = evaluate_checkpoint(
+            checkpoint,
+            data=data,
+            split=split,
+            subset=subset,
+            only=only,
+            purify=purify,
+            skip_bad=skip_bad,
+            device=ranks.device,
+            classes=classes,
+            allow_patient_leak=allow_patient_leak,
+            dist=ranks.ctx,
+        )
+    if ranks.main:
+        typer.echo(json.dumps(_json_safe(m)) if json_out else format_metrics(m))
 
 
 @app.command("predict")
@@ -305,29 +338,33 @@ def attack_cmd(
     params.update({k: v for k, v in flags.items() if v is not None})
     if alpha is not None:
         params["alpha"] = parse_value(alpha, "--alpha")
-    res = attack_checkpoint(
-        checkpoint,
-        attack=attack,
-        eps=eps,
-        data=data,
-        split=split,
-        subset=subset,
-        params=params,
-        only=only,
-        target=target,
-        transfer_to=transfer_to,
-        purify=purify,
-        save_examples=save_examples,
-        out=out,
-        batch_size=batch_size,
-        limit=limit,
-        seed=seed,
-        skip_bad=skip_bad,
-        device=device,
-        progress=not json_out,
-        overwrite=overwrite,
-        figures=lambda r: write_attack_figures(r, r["out"], save_examples),
-    )
+    with _Ranks(device) as ranks:
+        res = attack_checkpoint(
+            checkpoint,
+            attack=attack,
+            eps=eps,
+            data=data,
+            split=split,
+            subset=subset,
+            params=params,
+            only=only,
+            target=target,
+            transfer_to=transfer_to,
+            purify=purify,
+            save_examples=save_examples,
+            out=out,
+            batch_size=batch_size,
+            limit=limit,
+            seed=seed,
+            skip_bad=skip_bad,
+            device=ranks.device,
+            progress=not json_out,
+            overwrite=overwrite,
+            figures=lambda r: write_attack_figures(r, r["out"], save_examples),
+            dist=ranks.ctx,
+        )
+    if not ranks.main:
+        return
     if json_out:
         if res["degenerate"]:
             typer.echo(f"warning: {res['degenerate']}", err=True)
@@ -367,24 +404,28 @@ def certify_cmd(
     from histoshield.evaluation.certify import certify_checkpoint, format_certify
     from histoshield.report.certify import certify_figures
 
-    res = certify_checkpoint(
-        checkpoint,
-        sigma=sigma,
-        data=data,
-        split=split,
-        subset=subset,
-        limit=limit,
-        n0=n0,
-        n=n,
-        alpha=alpha,
-        batch=batch,
-        seed=seed,
-        device=device,
-        out=out,
-        progress=not json_out,
-        overwrite=overwrite,
-        figures=certify_figures,
-    )
+    with _Ranks(device) as ranks:
+        res = certify_checkpoint(
+            checkpoint,
+            sigma=sigma,
+            data=data,
+            split=split,
+            subset=subset,
+            limit=limit,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            batch=batch,
+            seed=seed,
+            device=ranks.device,
+            out=out,
+            progress=not json_out,
+            overwrite=overwrite,
+            dist=ranks.ctx,
+            figures=certify_figures,
+        )
+    if not ranks.main:
+        return
     if json_out:
         typer.echo(json.dumps(res, indent=2))
     else:
@@ -410,8 +451,12 @@ def study(
     from histoshield.study import load_study_config, run_study
 
     cfg = load_study_config(config, data=data, seed=seed)
-    echo = None if quiet else typer.echo
-    res = run_study(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, echo=echo)
+    with _Ranks(cfg.train.device) as ranks:  # torchrun: DDP training, sharded evaluation
+        echo = None if quiet or not ranks.main else typer.echo
+        res = run_study(cfg, out, resume=resume, overwrite=overwrite,
+                        progress=not quiet and ranks.main, echo=echo, dist=ranks.ctx)  # fmt: skip
+    if not ranks.main:
+        return
     for name, info in res.get("models", {}).items():
         if info.get("degenerate"):
             typer.echo(f"warning: model {name}: {info['degenerate']}", err=True)
@@ -497,19 +542,45 @@ def cv_cmd(
         data=data, seed=seed, epochs=epochs, image_size=image_size,
         target_sensitivity=target_sensitivity,
     )  # fmt: skip
-    echo = (lambda s: None) if quiet else typer.echo
+    with _Ranks(tcfg.device) as ranks:  # torchrun: DDP training, sharded evaluation
+        echo = (lambda s: None) if quiet or not ranks.main else typer.echo
+        kw = {"resume": resume, "progress": not quiet and ranks.main, "echo": echo,
+              "dist": ranks.ctx}  # fmt: skip
+        if both:
+            page = run_leak_comparison(tcfg, cv, out, **kw)
+        else:
+            run_cv(tcfg, cv, out, folds_file=folds_file, **kw)
+    if not ranks.main:
+        return
     if both:
-        page = run_leak_comparison(tcfg, cv, out, resume=resume, progress=not quiet, echo=echo)
         typer.echo(f"comparison: {page}")
-    else:
-        run_cv(tcfg, cv, out, resume=resume, folds_file=folds_file, progress=not quiet, echo=echo)
-        if quiet:
-            typer.echo(f"report: {out}/report.html")
+    elif quiet:
+        typer.echo(f"report: {out}/report.html")
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    import os
+
+    # under torchrun every rank prints: say which one failed
+    where = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    typer.echo(f"error: {where}{' '.join(message.split())}", err=True)
     sys.exit(code)
+
+
+def _peer_failure(e: Exception) -> bool:
+    """A collective broken by another rank's exit or a timeout (under torchrun only)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("Connection closed by peer", "Connection reset", "Timed out", "gloo")
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -532,6 +603,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(e.format_message() + hint, getattr(e, "exit_code", 2))
     except (typer.Abort, KeyboardInterrupt):
         code = 130
+    except Exception as e:
+        if not _peer_failure(e):
+            raise
+        _fail(f"stopped: another torchrun rank failed or timed out ({type(e).__name__}); see "
+              "its error above", 1)  # fmt: skip
     if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130
         _fail("interrupted (Ctrl-C); finished outputs are kept, train/study can --resume", 130)
     sys.exit(code if isinstance(code, int) else 0)  # like standalone Typer: always SystemExit

@@ -197,9 +197,11 @@ def attack_rows(
     classes: list[str],
     cv: CVConfig,
     seed: int,
+    dist: Any = None,
 ) -> list[dict[str, Any]]:
     """One robustness row per cv attack at cv.eps on the `only` class (the one harness call),
-    then, with two or more attacks, the per-image worst case over all of them (the headline)."""
+    then, with two or more attacks, the per-image worst case over all of them (the headline);
+    `dist` shards the images over torchrun ranks."""
     from histoshield.evaluation.harness import parse_attack_spec, select, worst_case
     from histoshield.evaluation.robustness import evaluate_attack
 
@@ -221,7 +223,7 @@ def attack_rows(
         r = evaluate_attack(
             model, x, y, attack=name, eps_list=[cv.eps], params=params, classes=classes,
             only=cv.only, batch_size=cv.batch_size, seed=seed, progress=False,
-            outcomes=outcomes,
+            outcomes=outcomes, dist=dist,
         )[0]  # fmt: skip
         rows.append(row(spec, r))
     if len(cv.attacks) > 1:
@@ -251,17 +253,24 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
 
     tcfg: TrainConfig = ctx["tcfg"]
     cv: CVConfig = ctx["cv"]
+    dist = ctx.get("dist")
+    main = dist is None or dist.is_main
     fdir: Path = ctx["out"] / f"fold_{k}"
     run = fdir / "train"
     t0, c0 = time.perf_counter(), time.process_time()
     split_csv = fdir / "split.csv"
-    if not split_csv.is_file():
+    if not split_csv.is_file() and main:
         write_split(split_csv, fold_split(ctx["iset"], ctx["folds"], k, cv, tcfg))
+    _barrier(dist)  # every rank trains on the split rank 0 wrote
     fcfg = tcfg.model_copy(update={"split": str(split_csv)})
     if (run / "results.json").is_file() and (run / "best.pt").is_file():
         res = _read_json(run / "results.json")
+        _barrier(dist)
     else:
         res = train(fcfg, run, resume=(run / "last.pt").is_file(), progress=ctx["progress"])
+        _barrier(dist)  # rank 0 has written best.pt and results.json
+        if not main:  # DDP training returns its results on rank 0 only
+            res = _read_json(run / "results.json")
     t_train = time.perf_counter() - t0
     device = ctx["device"]
     model = models.load_checkpoint(run / "best.pt").to(device)
@@ -274,7 +283,7 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
     arr = load_arrays(held, tcfg.image_size, cache_dir=tcfg.cache_dir, progress=False)
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.tensor([classes.index(r.label) for r in held])
-    prob = predict_proba(model, x, batch_size=cv.batch_size, device=device)
+    prob = predict_proba(model, x, batch_size=cv.batch_size, device=device, dist=dist)
     pred = prob.argmax(1)
     patients = [r.patient for r in held] if all(r.patient for r in held) else None
     metrics = classification_metrics(y, pred, prob, patients=patients, positive=pos)
@@ -291,12 +300,13 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
         }
         for r, p in zip(held, prob[:, pos].tolist(), strict=True)
     ]
-    write_text(fdir / "oof.csv", _oof_csv(oof))
+    if main:
+        write_text(fdir / "oof.csv", _oof_csv(oof))
     t1 = time.perf_counter()
     robust: list[dict[str, Any]] = []
     if cv.robustness:
         seed_everything(tcfg.seed + k)
-        robust = attack_rows(model, x, y, classes, cv, tcfg.seed)
+        robust = attack_rows(model, x, y, classes, cv, tcfg.seed, dist=dist)
     info = {
         "fold": k,
         "n_train": res["n"]["train"],
@@ -318,8 +328,14 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
             "cpu": round(time.process_time() - c0, 3),  # this process's CPU time (all threads)
         },
     }
-    write_json(fdir / "fold.json", info)
+    if main:
+        write_json(fdir / "fold.json", info)
     return info
+
+
+def _barrier(dist: Any) -> None:
+    if dist is not None:
+        dist.barrier()
 
 
 # ---- pooling --------------------------------------------------------------------------------
@@ -516,15 +532,24 @@ def run_cv(
     folds_file: str | Path | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    dist: Any = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every fold into `out`, pool them, write results.json and the report."""
+    """Run (or resume) every fold into `out`, pool them, write results.json and the report.
+
+    Under torchrun (`dist`) every rank runs every fold (DDP training, sharded evaluation, a
+    barrier after each step that reads what rank 0 wrote); rank 0 alone claims and writes, and
+    only rank 0 returns the results (the others return {})."""
+    from contextlib import nullcontext
+
     from histoshield.runfolder import claim
 
     out = Path(out).expanduser().resolve()
-    with claim(out, "cv", resume=resume):
+    main = dist is None or dist.is_main
+    with claim(out, "cv", resume=resume) if main else nullcontext():
         return _run_cv(
-            tcfg, cv, out, resume=resume, folds_file=folds_file, progress=progress, echo=echo
-        )
+            tcfg, cv, out, resume=resume, folds_file=folds_file, progress=progress, echo=echo,
+            dist=dist,
+        )  # fmt: skip
 
 
 def _run_cv(
@@ -536,18 +561,24 @@ def _run_cv(
     folds_file: str | Path | None,
     progress: bool,
     echo: Callable[[str], None] | None,
+    dist: Any = None,
 ) -> dict[str, Any]:
     from histoshield.data.layouts import load_imageset
 
+    main = dist is None or dist.is_main
+    if not main:
+        progress, echo = False, (lambda s: None)
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(tcfg) + "---\n" + dump_config(cv)
     state_path = out / STATE
-    if state_path.is_file() and not resume:
+    if not main:
+        pass  # rank 0 checks the folder and sends its state and folds below
+    elif state_path.is_file() and not resume:
         raise HistoshieldError(
             f"{out} already holds a cross-validation: pass --resume to continue it or choose "
             "another --out"
         )
-    if resume and not state_path.is_file():
+    elif resume and not state_path.is_file():
         raise HistoshieldError(f"cannot resume: {state_path} does not exist (run without --resume)")
     on_bad = "skip" if tcfg.skip_bad else "raise"
     iset = load_imageset(tcfg.data, magnifications=tcfg.magnification or None, on_bad=on_bad)
@@ -556,7 +587,11 @@ def _run_cv(
         raise HistoshieldError(f"cross-validation needs two classes; {tcfg.data} has {classes}")
     if cv.only is not None and cv.only not in classes:
         raise HistoshieldError(f"cv.only {cv.only!r} is not a class of {tcfg.data} ({classes})")
-    if resume:
+    state: dict[str, Any] | None = None
+    folds: list[int] | None = None
+    if not main:
+        pass
+    elif resume:
         state = _read_json(state_path)
         if state.get("config_sha256") != _digest(cfg_text):
             raise HistoshieldError(
@@ -577,12 +612,19 @@ def _run_cv(
         write_folds(out / FOLDS_FILE, iset.records, folds, cv.group_by)
         state = {"finished": [], "config_sha256": _digest(cfg_text)}
         write_json(state_path, state)
-    write_text(out / "config.yaml", cfg_text)
-    device = pick_device(tcfg.device)
+    device = dist.device if dist is not None else pick_device(tcfg.device)
     env = environment(device)
-    write_json(out / "env.json", env)
+    if dist is not None:
+        from histoshield.training.distributed import gather_json
+
+        env["world_size"] = dist.world
+        state, folds = gather_json([state, folds] if main else None, dist)[0]
+    assert state is not None and folds is not None
+    if main:
+        write_text(out / "config.yaml", cfg_text)
+        write_json(out / "env.json", env)
     ctx = {"tcfg": tcfg, "cv": cv, "out": out, "iset": iset, "folds": folds,
-           "classes": classes, "device": device, "progress": progress}  # fmt: skip
+           "classes": classes, "device": device, "progress": progress, "dist": dist}  # fmt: skip
     k_total = max(folds) + 1
     infos: list[dict[str, Any]] = []
     for k in range(k_total):
@@ -600,7 +642,11 @@ def _run_cv(
         )
         infos.append(info)
         state["finished"].append(k)
-        write_json(state_path, state)
+        if main:
+            write_json(state_path, state)
+        _barrier(dist)
+    if not main:
+        return {}
     results = {
         "kind": "cv",
         "data": tcfg.data,
@@ -630,6 +676,7 @@ def run_leak_comparison(
     resume: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    dist: Any = None,
 ) -> Path:
     """The same CV grouped by patient (out/patient) and by image (out/image), side by side."""
     from histoshield.report.cv import build_comparison
@@ -640,6 +687,8 @@ def run_leak_comparison(
         d = out / by
         again = resume and (d / STATE).is_file()
         run_cv(tcfg, cv.model_copy(update={"group_by": by}), d, resume=again,
-               progress=progress, echo=echo)  # fmt: skip
+               progress=progress, echo=echo, dist=dist)  # fmt: skip
         dirs[f"by {by}"] = d
+    if dist is not None and not dist.is_main:
+        return out / "comparison.md"
     return build_comparison(dirs, out / "comparison.md")

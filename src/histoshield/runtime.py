@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -86,6 +87,13 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return _json_safe(obj.detach().cpu().tolist())
     return obj
+
+
+def image_seed(seed: int, index: int, salt: str = "") -> int:
+    """A 63-bit seed for image `index` under run seed `seed` (and a purpose `salt`): the same
+    on any torchrun rank and in any batch, so per-image randomness never depends on either."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(index)}:{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def seed_everything(seed: int) -> torch.Generator:

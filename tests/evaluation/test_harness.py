@@ -182,3 +182,26 @@ def test_evaluation_modules_import_without_cycles():
 
     assert "robustness" not in graph["sanity"]
     assert [m for m in graph if reach(m, m, set())] == []
+
+
+def test_early_stop_is_the_default_and_a_spec_turns_it_off():
+    """Robust accuracy is measured with early stopping (never higher, fewer passes); the spec
+    `early_stop=false` runs the full attack; both rows count their passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(768, 32), nn.ReLU(), nn.Linear(32, 2)).eval()
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z = model(x)
+        model[3].bias[1] -= (z[:, 1] - z[:, 0]).median()
+        y = model(x).argmax(1)
+    eps = [4 / 255]
+    runs = runs_for("pgd:steps=10", eps) + runs_for("pgd:steps=10,early_stop=false", eps)
+    fast, full = (o.row for o in run_attacks(model, x, y, runs, classes=CLASSES))
+    assert fast.early_stop is True and full.early_stop is False
+    assert full.gradient_passes == 24 * 10 and full.forward_passes == 0
+    assert fast.gradient_passes < full.gradient_passes
+    assert fast.adv_correct <= full.adv_correct < full.n
+    assert fast.to_dict()["gradient_passes"] == fast.gradient_passes
+    # eps = 0 crafts nothing: no pass counts, no early-stop claim
+    (zero,) = (o.row for o in run_attacks(model, x, y, runs_for("pgd", [0.0])))
+    assert zero.gradient_passes is None and zero.early_stop is None

@@ -5,8 +5,10 @@ Standard AutoAttack uses the DLR loss, whose denominator z_π1 - z_π3 needs >= 
 fails on benign-vs-malignant models (in the reference code, torchattacks and ART). Here the
 ensemble is APGD-CE → APGD-margin (logit difference, binary-valid) → FAB → Square, each run
 only on images every earlier attack failed on; an image counts as robust only if all fail.
-`.log` records the robust count after each component.
-Cost: at most the sum of the components' costs, each spent only on the images still robust.
+`.log` records the robust count after each component. That stopping between components is
+always on (AutoAttack's own rule); `early_stop=True` also passes it to the components (the
+library APGD/FAB run their full budget on the images they get; Square always stops once
+fooled). Components see the images' global indices, so their noise is per image.
 
 `run_reference` runs the same budget in AutoAttack's reference code (PyPI `pyautoattack`, import
 `pyautoattack`) with its 2-class-valid components APGD-CE, FAB (untargeted; FAB-T needs >= 3
@@ -86,7 +88,10 @@ class AutoAttackBinary(Attack):
         """Build one component attack with this ensemble's budget, seed and EOT."""
         from histoshield.attacks import REGISTRY, accepted_params, create
 
-        params: dict = {"eps": self.eps, "seed": self.seed, "eot": self.eot}
+        params: dict = {
+            "eps": self.eps, "seed": self.seed, "eot": self.eot, "early_stop": self.early_stop,
+            "amp": self.amp, "channels_last": self.channels_last,
+        }  # fmt: skip
         if REGISTRY.get(name).black_box:
             params["max_queries"] = self.max_queries
         elif "steps" in accepted_params(name):
@@ -103,7 +108,7 @@ class AutoAttackBinary(Attack):
             idx = robust.nonzero()[:, 0]
             if len(idx) == 0:
                 break
-            a = self.component(name)(x[idx], y[idx])
+            a = self.component(name)(x[idx], y[idx], self.index[idx.cpu()])
             with torch.no_grad():
                 fooled = self.model(a).argmax(1) != y[idx]
             adv[idx[fooled]] = a[fooled]

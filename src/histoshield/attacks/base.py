@@ -1,10 +1,11 @@
 """The shared mechanics of every attack: eval mode, targeting, eps-ball projection, clipping,
-seeding, batching, the attack losses and EOT-averaged input gradients."""
+per-image seeding, batching, pass counting, early stopping, the attack losses and EOT-averaged
+input gradients."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from histoshield.errors import HistoshieldError
 from histoshield.registry import Registry
+from histoshield.runtime import image_seed
 from histoshield.specs import parse_number
 
 
@@ -92,6 +94,12 @@ def check_loss(loss: str) -> str:
     return key
 
 
+def succeeded(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    """Per image: the attack has won (misclassified; targeted: predicted as the target)."""
+    pred = logits.argmax(1)
+    return pred != y if t is None else pred == t
+
+
 def check_steps(steps: int, name: str = "steps") -> int:
     """Steps/iterations must be a positive integer."""
     if int(steps) != steps or steps < 1:
@@ -104,8 +112,17 @@ class Attack:
 
     `y` holds true labels, `t` the target labels (None for untargeted). The base class puts the
     model in eval mode (restored afterwards), never touches the caller's tensors, splits into
-    batches, draws all randomness from `self.generator` (seeded per call, so a seed gives the same
-    result), and projects the output into the eps-ball and [0,1] as a last guard.
+    batches, and projects the output into the eps-ball and [0,1] as a last guard.
+
+    Randomness is per image: image `index[i]` (the caller's global image index, default its
+    position) draws from its own generator seeded with `image_seed(seed, index[i])`, so an image
+    gets the same noise whatever batch or torchrun rank it lands in (`rand_like`, `rand_rows`).
+    `passes` counts model evaluations per image over the last call: `forward` (no gradient) and
+    `forward_backward` (input requires grad), for every attack including library ones.
+    `early_stop=True` stops attacking an image once it is misclassified (see `LossAttack.walk`).
+    `amp=True` runs the model under bf16 autocast while crafting (the images stay float32 and
+    are scored in float32 by the harness); `channels_last=True` hands the model NHWC batches.
+    Both are speed options for GPUs; tests bound how much they change the results (docs/scaling.md).
 
     Args (common to every attack; each attack's own are in its class docstring):
         model (nn.Module, required): maps (N,3,H,W) images in [0,1] to (N,C) logits (a `HistoModel`
@@ -115,10 +132,15 @@ class Attack:
         target (int | str | None, default None): class index or name to push every image
             towards; None = untargeted (away from the true label).
         classes (list[str] | None, default model.classes): class names, to resolve `target`.
-        seed (int, default 0): seeds `self.generator` anew on every call: same seed, same output.
+        seed (int, default 0): image i draws from `image_seed(seed, index[i])` (same seed, same
+            output).
         eot (int | None, default model.default_eot or 1): gradients averaged per step
             (Expectation over Transformation, for randomized models).
         batch_size (int | None, default None): images per `perturb` call; None = all at once.
+        early_stop (bool, default False): stop attacking an image once it is misclassified (the
+            harness turns it on for robust-accuracy measurement; see `LossAttack.walk`).
+        amp (bool, default False): bf16 autocast while crafting (a GPU speed option).
+        channels_last (bool, default False): hand the model NHWC batches (a GPU speed option).
 
     Shape:
         - images: (N, 3, H, W) float in [0, 1]; labels: (N,) true class indices (long).
@@ -168,6 +190,9 @@ class Attack:
         seed: int = 0,
         eot: int | None = None,
         batch_size: int | None = None,
+        early_stop: bool = False,
+        amp: bool = False,
+        channels_last: bool = False,
     ) -> None:
         self.model = model
         if eps is not None:
@@ -180,9 +205,15 @@ class Attack:
         self.seed = int(seed)
         self.eot = check_steps(eot if eot is not None else getattr(model, "default_eot", 1), "eot")
         self.batch_size = None if batch_size is None else check_steps(batch_size, "batch_size")
-        self.generator: torch.Generator | None = None
+        self.early_stop = _check_bool(early_stop, "early_stop")
+        self.amp = _check_bool(amp, "amp")
+        self.channels_last = _check_bool(channels_last, "channels_last")
+        self.generator: torch.Generator | None = None  # per batch, seeded from its image indices
+        self.index: torch.Tensor | None = None  # global indices of the images in this batch
+        self._image_gens: list[torch.Generator] = []
         self.queries: torch.Tensor | None = None  # model queries per image (black-box attacks)
         self.grad_stats = {"n": 0, "zero": 0, "nan": 0}
+        self.passes = {"forward": 0, "forward_backward": 0}
 
     # ---- public -------------------------------------------------------------------------
     @property
@@ -190,9 +221,18 @@ class Attack:
         """True when the attack pushes images towards `target` rather than away from the label."""
         return self.target is not None
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return adversarial images for `images` (N,3,H,W in [0,1]) with true `labels` (N,)."""
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return adversarial images for `images` (N,3,H,W in [0,1]) with true `labels` (N,).
+
+        `index` (N,) names each image globally (its randomness derives from seed and index);
+        default 0..N-1.
+        """
         x, y = self._check_inputs(images, labels)
+        index = torch.arange(len(x)) if index is None else torch.as_tensor(index).long().cpu()
+        if len(index) != len(x):
+            raise HistoshieldError(f"{len(x)} images but {len(index)} image indices")
         t = None
         if self.target is not None:
             if bool((y == self.target).any()):
@@ -208,18 +248,21 @@ class Attack:
         if training:
             self.model.eval()
         self.grad_stats = {"n": 0, "zero": 0, "nan": 0}
+        self.passes = {"forward": 0, "forward_backward": 0}
+        hook = self.model.register_forward_pre_hook(self._count_pass)
         queries = []
         try:
             device = _device_of(self.model, x)
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
             out = []
             bs = self.batch_size or len(x)
             for i in range(0, len(x), bs):
+                self._seed_batch(index[i : i + bs], device)
                 xb = x[i : i + bs].to(device)
                 yb = y[i : i + bs].to(device)
                 tb = None if t is None else t[i : i + bs].to(device)
                 self.queries = None
-                adv = self.perturb(xb, yb, tb).detach()
+                with self._fast(device):
+                    adv = self.perturb(self._layout(xb), yb, tb).detach()
                 if not self.output_in_ball:
                     adv = self.project(xb, adv)
                 if adv.data_ptr() == xb.data_ptr():  # never hand back the caller's storage
@@ -228,6 +271,7 @@ class Attack:
                 if self.queries is not None:
                     queries.append(self.queries.detach().cpu())
         finally:
+            hook.remove()
             for m in training:
                 m.training = True
         self.queries = torch.cat(queries) if queries else None
@@ -291,12 +335,36 @@ class Attack:
         self.grad_stats["zero"] += zero
 
     def rand_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Uniform [0,1) noise from the attack's seeded generator."""
-        return torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        """Uniform [0,1) noise shaped like the batch `x`, row i from image i's generator."""
+        return self.rand_rows(None, x.shape[1:], device=x.device, dtype=x.dtype)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise from the attack's seeded generator."""
-        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        """Standard normal noise shaped like the batch `x`, row i from image i's generator."""
+        return self.rand_rows(None, x.shape[1:], device=x.device, dtype=x.dtype, normal=True)
+
+    def rand_rows(
+        self,
+        rows: torch.Tensor | None,
+        shape: Sequence[int],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        normal: bool = False,
+    ) -> torch.Tensor:
+        """(len(rows), *shape) uniform (or normal) noise, one draw per batch image `rows`
+        (None: every image of the batch) from that image's own generator, so an image's
+        draws never depend on which other images share its batch."""
+        picked = range(len(self._image_gens)) if rows is None else rows.tolist()
+        fn = torch.randn if normal else torch.rand
+        device = device if device is not None else (self.generator.device if self.generator
+                                                    else "cpu")  # fmt: skip
+        draws = [
+            fn(tuple(shape), generator=self._image_gens[r], device=device, dtype=dtype)
+            for r in picked
+        ]
+        if not draws:
+            return torch.empty((0, *shape), device=device, dtype=dtype)
+        return torch.stack(draws)
 
     def num_classes(self, x: torch.Tensor) -> int:
         """Number of model outputs (from `classes` when known, else one forward pass)."""
@@ -306,10 +374,39 @@ class Attack:
             return int(self.model(x[:1]).shape[1])
 
     def library_seed(self) -> int:
-        """A seed for library attacks that reseed torch's global RNG (we fork it around them)."""
+        """A seed for library attacks that reseed torch's global RNG (we fork it around them):
+        drawn from the batch generator, which is seeded from the batch's image indices."""
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
 
     # ---- internals ------------------------------------------------------------------------
+    def _fast(self, device: torch.device):
+        """bf16 autocast on `device` when `amp` (a no-op context otherwise)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _seed_batch(self, index: torch.Tensor, device: torch.device) -> None:
+        """Per-image generators for this batch, and one batch generator (for library attacks,
+        which draw per batch) seeded from the seed and the batch's image indices."""
+        self.index = index
+        self._image_gens = [
+            torch.Generator(device=device).manual_seed(image_seed(self.seed, i))
+            for i in index.tolist()
+        ]
+        first = int(index[0]) if len(index) else 0
+        batch_seed = image_seed(self.seed, first, salt=f"batch{len(index)}")
+        self.generator = torch.Generator(device=device).manual_seed(batch_seed)
+
+    def _count_pass(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: count images per model call, as gradient passes when the input
+        needs a gradient (the caller then runs the backward pass too)."""
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            return
+        key = "forward_backward" if torch.is_grad_enabled() and x.requires_grad else "forward"
+        self.passes[key] += int(x.shape[0]) if x.ndim else 1
+
     def _class_name(self, index: int) -> str:
         if self.classes is not None and 0 <= index < len(self.classes):
             return f"{self.classes[index]!r}"
@@ -354,8 +451,100 @@ class LossAttack(Attack):
         super().__init__(model, **common)
         self.loss = check_loss(loss)
 
+    def walk(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor | None,
+        adv: torch.Tensor,
+        step: Callable[..., torch.Tensor],
+        *,
+        steps: int,
+        box: tuple[torch.Tensor, torch.Tensor] | None = None,
+        state: list[torch.Tensor] | None = None,
+        record: bool = True,
+        final: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`steps` gradient steps `adv = step(adv, grad, x, box, state)` from `adv` (in place).
+
+        With `early_stop`, the logits of each gradient pass already say which images are
+        misclassified at their current point: those are frozen there and leave the batch, so
+        later steps cost only the images still standing. An image that is never fooled walks
+        exactly the path of the full run, so early stopping can only find more adversarial
+        images, never fewer. `state` holds per-image tensors (e.g. momentum) that shrink with
+        the batch. `final` adds one forward pass at the last point, returning its objective
+        (+inf for images frozen earlier, which always win a comparison). Returns (adv, fooled,
+        loss): fooled marks images frozen because they were misclassified.
+        """
+        n = len(x)
+        out = adv  # frozen images are written here; `adv` becomes a smaller copy once one is
+        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+        live: torch.Tensor | None = None  # batch rows still attacked (None: all of them)
+        state = list(state or [])
+        for k in range(steps):
+            grad, logits = self.input_grad(adv, y, t)
+            if k == 0 and record:
+                self.record_grad(grad)
+            if self.early_stop:
+                hit = self._confirmed(succeeded(logits, y, t), adv, y, t)
+                if bool(hit.any()):
+                    rows = torch.arange(n, device=x.device) if live is None else live
+                    out[rows[hit]] = adv[hit]
+                    fooled[rows[hit]] = True
+                    keep = ~hit
+                    live = rows[keep]
+                    if len(live) == 0:
+                        return out, fooled, _inf_loss(fooled) if final else None
+                    adv, grad, x, y = adv[keep], grad[keep], x[keep], y[keep]
+                    t = None if t is None else t[keep]
+                    box = None if box is None else (box[0][keep], box[1][keep])
+                    state = [s_[keep] for s_ in state]
+            adv = step(adv, grad, x, box, state)
+        loss = None
+        if final:
+            with torch.no_grad():
+                logits = self.model(adv)
+            last = self.objective(logits, y, t)
+            if self.early_stop:
+                hit = self._confirmed(succeeded(logits, y, t), adv, y, t)
+                rows = torch.arange(n, device=x.device) if live is None else live
+                fooled[rows[hit]] = True
+            loss = _inf_loss(fooled)
+            if live is None:
+                loss = torch.where(fooled, loss, last)
+            else:
+                loss[live] = torch.where(fooled[live], loss[live], last)
+        if live is not None:
+            out[live] = adv
+        elif adv is not out:
+            out = adv
+        return out, fooled, loss
+
+    def _confirmed(
+        self, hit: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Under `amp`, re-check bf16 hits in float32 (only those images): an image is frozen
+        only if the float32 model — the one that is scored — is fooled too."""
+        if not self.amp or not bool(hit.any()):
+            return hit
+        with torch.autocast(adv.device.type, enabled=False), torch.no_grad():
+            ok = succeeded(self.model(adv[hit].float()), y[hit], None if t is None else t[hit])
+        hit = hit.clone()
+        hit[hit.clone()] = ok
+        return hit
+
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, loss={self.loss})"
+
+
+def _inf_loss(fooled: torch.Tensor) -> torch.Tensor:
+    return torch.full(fooled.shape, float("inf"), device=fooled.device)
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise HistoshieldError(f"{name} must be true or false, got {value!r}")
 
 
 def _device_of(model: nn.Module, x: torch.Tensor) -> torch.device:
@@ -366,7 +555,15 @@ def _device_of(model: nn.Module, x: torch.Tensor) -> torch.device:
 
 class LibraryAttack(Attack):
     """Base for attacks delegated to torchattacks: forks torch's RNG so their global reseeding
-    neither leaks out nor depends on what ran before."""
+    neither leaks out nor depends on what ran before. They always run in float32 on contiguous
+    batches (`amp`/`channels_last` are ignored: torchattacks' FAB reshapes with `.view`, and
+    its bookkeeping assumes float32 logits)."""
+
+    def _fast(self, device: torch.device):
+        return torch.autocast(device.type, enabled=False)  # also inside an amp ensemble
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
 
     def run_library(self, atk, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Run a torchattacks attack deterministically on one batch."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, register
+from histoshield.attacks.base import LossAttack, register, succeeded
 
 
 @register
@@ -42,8 +42,12 @@ class FGSM(LossAttack):
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """One signed-gradient step of size eps."""
-        grad, _ = self.input_grad(x, y, t)
+        grad, logits = self.input_grad(x, y, t)
         self.record_grad(grad)
         # The targeted objective is -J(x, t), so ascending it is the paper's "minus" step.
         # In place on our own gradient buffer: one fused add, one clip, no temporaries.
-        return torch.add(x, grad.sign_(), alpha=self.eps).clamp_(0.0, 1.0)
+        adv = torch.add(x, grad.sign_(), alpha=self.eps).clamp_(0.0, 1.0)
+        if self.early_stop:  # an image misclassified already stays put (the step could undo it)
+            hit = self._confirmed(succeeded(logits, y, t), x, y, t)
+            adv[hit] = x[hit]
+        return adv

@@ -59,14 +59,13 @@ class MIFGSM(LossAttack):
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """Accumulate L1-normalised gradients with momentum and step along their sign."""
-        box = self.linf_box(x)
-        adv = x.clone()
-        momentum = torch.zeros_like(x)
-        for k in range(self.steps):
-            grad, _ = self.input_grad(adv, y, t)
-            if k == 0:
-                self.record_grad(grad)
-            grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-            momentum = self.decay * momentum + grad
-            adv = adv.add_(momentum.sign(), alpha=self.alpha).clamp_(*box)
-        return adv
+        return self.walk(
+            x, y, t, x.clone(), self.step, steps=self.steps, box=self.linf_box(x),
+            state=[torch.zeros_like(x)],
+        )[0]  # fmt: skip
+
+    def step(self, adv, grad, x, box, state) -> torch.Tensor:
+        """Momentum update (state[0], in place) and a signed step projected into the ball."""
+        grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        momentum = state[0].mul_(self.decay).add_(grad)
+        return adv.add_(momentum.sign(), alpha=self.alpha).clamp_(*box)

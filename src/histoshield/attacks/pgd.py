@@ -8,7 +8,8 @@ cross-entropy; equal to torchattacks.PGD). Default margin because a confident mo
 saturates to 1.0 in float32, CE's gradient is then exactly 0 and the walk never moves (an eps = 1
 PGD-CE can leave such a model "robust"); the margin's gradient does not vanish.
 With `restarts` > 1 each image keeps its worst case (highest loss) over the restarts.
-Cost: `steps` forward+backward passes per restart, plus one forward per restart when restarts > 1.
+Cost: `steps` forward+backward passes per restart, plus one forward per restart when restarts > 1;
+with `early_stop` an image leaves the walk (and later restarts) at the first misclassified point.
 """
 
 from __future__ import annotations
@@ -84,29 +85,52 @@ class PGD(LossAttack):
         grad: torch.Tensor,
         x: torch.Tensor,
         box: tuple[torch.Tensor, torch.Tensor],
+        state: list | None = None,
     ) -> torch.Tensor:
         """Signed step, then projection into B∞(x, eps) ∩ [0,1] as one clamp, both in place."""
         return adv.add_(grad.sign_(), alpha=self.alpha).clamp_(*box)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        """Run `restarts` walks of `steps` steps; keep the highest-loss result per image."""
+        """Run `restarts` walks of `steps` steps; keep the highest-loss result per image.
+
+        With `early_stop`, an image fooled in one restart is not attacked in the next ones
+        (every restart still draws its start for every image, so the others' noise is the
+        full run's)."""
         box = self.linf_box(x) if self.norm == "linf" else None
-        best, best_loss = None, None
+        best, best_loss, done = None, None, None
         for r in range(self.restarts):
-            adv = self.start(x, box)
-            for k in range(self.steps):
-                grad, _ = self.input_grad(adv, y, t)
-                if k == 0 and r == 0:
-                    self.record_grad(grad)
-                adv = self.step(adv, grad, x, box)
+            start = self.start(x, box)
+            rows = None if done is None or not self.early_stop else (~done).nonzero()[:, 0]
+            if rows is not None and len(rows) == 0:
+                break
+            xs, ys, ts, bs, start = _take((x, y, t, box, start), rows)
+            adv, fooled, loss = self.walk(
+                xs, ys, ts, start, self.step, steps=self.steps, box=bs, record=r == 0,
+                final=self.restarts > 1,
+            )  # fmt: skip
             if self.restarts == 1:
                 return adv
-            with torch.no_grad():
-                loss = self.objective(self.model(adv), y, t)
             if best is None:
-                best, best_loss = adv, loss
-            else:
-                better = loss > best_loss
-                best = torch.where(better.view(-1, 1, 1, 1), adv, best)
-                best_loss = torch.where(better, loss, best_loss)
+                best, best_loss, done = adv, loss, fooled
+                continue
+            rows = torch.arange(len(x), device=x.device) if rows is None else rows
+            better = loss > best_loss[rows]
+            best[rows[better]] = adv[better]
+            best_loss[rows[better]] = loss[better]
+            done[rows] |= fooled
         return best
+
+
+def _take(items: tuple, rows: torch.Tensor | None) -> tuple:
+    """Index every tensor (and (lo, hi) box) in `items` by `rows`; None rows: unchanged."""
+    if rows is None:
+        return items
+
+    def one(v):
+        if v is None:
+            return None
+        if isinstance(v, tuple):
+            return tuple(one(w) for w in v)
+        return v[rows]
+
+    return tuple(one(v) for v in items)

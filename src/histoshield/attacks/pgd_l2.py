@@ -53,11 +53,11 @@ class PGDL2(PGD):
             return x.clone()
         d = self.randn_like(x)
         d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        r = torch.rand(len(x), generator=self.generator, device=x.device, dtype=x.dtype)
+        r = self.rand_rows(None, (), device=x.device, dtype=x.dtype)
         return (x + d * (r * self.eps).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
     def step(
-        self, adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, box=None
+        self, adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, box=None, state=None
     ) -> torch.Tensor:
         """Normalised gradient step, then projection into the L2 ball and [0,1]."""
         g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)

@@ -8,7 +8,9 @@ z_y - max_{k≠y} z_k  (targeted: max_{k≠t} z_k - z_t) decreases. An image sto
 misclassified. Needs only logits — no gradients.
 Cost: at most `max_queries` forward passes per image (the first one included).
 Written here because torchattacks.Square hides its query counts and reseeds the global RNG;
-`.queries` holds the model queries spent per image.
+`.queries` holds the model queries spent per image. Each image draws its own window position and
+signs (from its per-image generator, as in the paper's per-image loop), so results do not depend
+on batch composition. Early stopping is built in: it always stops once fooled.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class Square(Attack):
         self.max_queries = check_steps(max_queries, "max_queries")
         self.p_init = float(p_init)
 
+    def _fast(self, device: torch.device):
+        # accept/stop decisions compare margins: bf16 logits would accept non-improvements and
+        # stop on images float32 still classifies correctly, so Square always runs in float32
+        return torch.autocast(device.type, enabled=False)
+
     def _p(self, i: int) -> float:
         i = int(i / self.max_queries * 10000)  # the paper's schedule is tuned for 10k queries
         return self.p_init / 2 ** sum(i > b for b in _SCHEDULE)
@@ -67,15 +74,16 @@ class Square(Attack):
         # > 0 while the attack has not succeeded, in both modes
         return -attack_loss("margin", self.model(x), y, t)
 
-    def _sign(self, shape, device) -> torch.Tensor:
-        return torch.randint(0, 2, shape, generator=self.generator, device=device).float() * 2 - 1
-
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """Random search over square updates until fooled or out of queries."""
         n, c, h, w = x.shape
         eps = self.eps
+        hs, ws = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
         with torch.no_grad():
-            best = (x + eps * self._sign((n, c, 1, w), x.device)).clamp(0.0, 1.0)
+            # every draw is per image (its own generator): window and signs never depend on
+            # which other images share the batch
+            stripes = (self.rand_rows(None, (c, 1, w), device=x.device) < 0.5).float() * 2 - 1
+            best = (x + eps * stripes).clamp(0.0, 1.0)
             margin = self._margin(best, y, t)
             queries = torch.ones(n, device=x.device)
             for i in range(self.max_queries - 1):
@@ -83,13 +91,15 @@ class Square(Attack):
                 if len(idx) == 0:
                     break
                 s = min(max(round(math.sqrt(self._p(i) * h * w)), 1), h - 1, w - 1)
-                vh = int(torch.randint(0, h - s + 1, (1,), generator=self.generator))
-                vw = int(torch.randint(0, w - s + 1, (1,), generator=self.generator))
+                u = self.rand_rows(idx, (c + 2,), device=x.device)
+                vh = (u[:, 0] * (h - s + 1)).long().clamp_(max=h - s)
+                vw = (u[:, 1] * (w - s + 1)).long().clamp_(max=w - s)
+                sign = (u[:, 2:] < 0.5).float() * 2 - 1
+                rows = (hs >= vh[:, None]) & (hs < vh[:, None] + s)
+                cols = (ws >= vw[:, None]) & (ws < vw[:, None] + s)
+                window = (rows[:, :, None] & cols[:, None, :])[:, None].to(x.dtype)
                 xc, bc = x[idx], best[idx]
-                new = bc.clone()
-                new[:, :, vh : vh + s, vw : vw + s] += (
-                    2 * eps * self._sign((len(idx), c, 1, 1), x.device)
-                )
+                new = bc + window * (2 * eps * sign).view(-1, c, 1, 1)
                 new = torch.min(torch.max(new, xc - eps), xc + eps).clamp_(0.0, 1.0)
                 m = self._margin(new, y[idx], None if t is None else t[idx])
                 better = m < margin[idx]

@@ -9,7 +9,9 @@ abstains unless a two-sided binomial test between the top two classes rejects at
 
 `clip=True` (default) clips x + δ to [0,1] before the base classifier, matching how the
 Gaussian-noise defense trains; the guarantee still holds because clipping is part of the base
-classifier f. Noise is drawn from a generator seeded with `seed`, so results are reproducible.
+classifier f. Noise is drawn from a generator seeded with `seed`, so results are reproducible;
+`reseed(seed)` restarts it (certify seeds it per image, so an image's noise does not depend on
+which images were certified before it, or on which torchrun rank certifies it).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class Smoothed:
         self.device = torch.device(device) if device is not None else _model_device(model)
         # noise is drawn on the model's device: CPU sampling would dominate GPU certification
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def reseed(self, seed: int) -> None:
+        """Restart the noise generator at `seed`."""
+        self.generator.manual_seed(int(seed))
 
     @torch.no_grad()
     def sample_counts(self, x: torch.Tensor, num: int, batch: int = 256) -> np.ndarray:

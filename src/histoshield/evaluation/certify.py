@@ -47,9 +47,16 @@ def certify_images(
     radii: Sequence[float] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    dist: Any = None,
 ) -> dict[str, Any]:
-    """Certify every image of `x` (N,3,H,W in [0,1]) with labels `y`; rows + curve + summary."""
+    """Certify every image of `x` (N,3,H,W in [0,1]) with labels `y`; rows + curve + summary.
+
+    Image i's noise comes from a generator seeded with (seed, i), so `dist` (torchrun) can
+    certify image i on rank i % world and gather the rows: the same result as one process.
+    """
     from histoshield.defenses.smoothing import ABSTAIN, Smoothed
+    from histoshield.runtime import image_seed
+    from histoshield.training.distributed import DistContext, batch_shard, gather_json
 
     y = np.asarray(torch.as_tensor(y).cpu().numpy() if isinstance(y, torch.Tensor) else y)
     if x.ndim != 4 or len(x) != len(y):
@@ -57,9 +64,12 @@ def certify_images(
     smoothed = Smoothed(model, sigma, seed=seed, device=device)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    bar = tqdm(range(len(x)), desc=f"certify σ={sigma:g} n={n}", unit="img", disable=not progress)
+    ctx = dist if dist is not None else DistContext()
+    mine = batch_shard(len(x), 1, ctx).tolist()
+    bar = tqdm(mine, desc=f"certify σ={sigma:g} n={n}", unit="img", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
+        smoothed.reseed(image_seed(seed, i, salt="smoothing"))
         pred, radius = smoothed.certify(x[i], n0, n, alpha, batch)
         rows.append(
             {
@@ -72,6 +82,9 @@ def certify_images(
                 "seconds": round(time.perf_counter() - t0, 4),
             }
         )
+    if ctx.distributed:
+        parts = gather_json(rows, ctx)
+        rows = sorted((r for part in parts for r in part), key=lambda r: r["index"])
     r_max = max_radius(sigma, n, alpha)
     if radii is None:
         radii = [r for r in DEFAULT_RADII if r <= r_max]
@@ -84,7 +97,7 @@ def certify_images(
         "seed": int(seed),
         "max_radius": r_max,
         "classes": list(getattr(model, "classes", None) or []),
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(max(gather_json(time.perf_counter() - start, ctx)), 3),
         **summary,
         "curve": certified_accuracy(rows, radii),
         "rows": rows,
@@ -162,11 +175,14 @@ def certify_checkpoint(
     progress: bool = True,
     overwrite: bool = False,
     figures: Figures | None = None,
+    dist: Any = None,
 ) -> dict[str, Any]:
     """Load a checkpoint and a split subset, certify it, and write the report when `out` is set.
 
     The images come from `split` (a split CSV); without it, from `split.csv` beside the
     checkpoint (its training run's split); else `data` is split with the checkpoint's settings.
+    Under torchrun (`dist`) the images are shared out over the ranks; rank 0 alone claims `out`
+    and writes.
     """
     from histoshield.defenses.smoothing import check_settings
 
@@ -175,20 +191,22 @@ def certify_checkpoint(
             f"--sigma must be in (0, 1] (noise std in [0,1] pixel units), got {sigma:g}"
         )
     check_settings(n=n, n0=n0, alpha=alpha, batch=batch)  # before minutes of loading data
-    if out is None:
+    main = dist is None or dist.is_main
+    if out is None or not main:
         return _certify(checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed,
-                        device, None, progress, None)  # fmt: skip
+                        device, None, progress and main, None, dist)  # fmt: skip
     from histoshield.runfolder import claim
 
     with claim(out, "certify", overwrite=overwrite):  # writable and ours, before computing
         return _certify(checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed,
-                        device, out, progress, figures)  # fmt: skip
+                        device, out, progress, figures, dist)  # fmt: skip
 
 
 def _certify(
     checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed, device, out, progress,
     figures,
-) -> dict[str, Any]:
+    dist,
+) -> dict[str, Any]:  # fmt: skip
     from histoshield.evaluation.predict import degenerate_check, load_eval_data
 
     ckpt = Path(checkpoint)
@@ -214,9 +232,10 @@ def _certify(
         seed=seed,
         device=ev.device,
         progress=progress,
+        dist=dist,
     )
     # the base classifier's clean predictions: a constant one certifies one class "robustly"
-    degenerate = degenerate_check(ev.model, ev.x, ev.y, ev.classes, device=ev.device)
+    degenerate = degenerate_check(ev.model, ev.x, ev.y, ev.classes, device=ev.device, dist=dist)
     result.update(
         degenerate=degenerate,
         checkpoint=str(ckpt),
@@ -224,7 +243,13 @@ def _certify(
         subset=ev.subset,
         paths=[str(r.path) for r in ev.records],
     )
+    from histoshield.evaluation.robustness import sharding
+
+    result["sharding"] = sharding(len(ev.x), 1, dist)
     if out is not None:
+        from histoshield.runtime import environment, write_json
+
+        write_json(Path(out) / "env.json", {**environment(ev.device), **result["sharding"]})
         result["files"] = {k: str(v) for k, v in save_certify(result, out, figures).items()}
     return result
 

@@ -108,6 +108,10 @@ class ResultRow:
     n_excluded: int = 0
     seed: int = 0
     components: list[dict] | None = None  # per-component log of ensembles (autoattack-binary)
+    early_stop: bool | None = None  # images left the attack once misclassified (None: eps 0)
+    # crafting cost in image-passes (None, like `seconds`: not crafted here — eps 0 or reused)
+    forward_passes: int | None = None  # forward only
+    gradient_passes: int | None = None  # forward + input backward
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (components dropped when absent)."""
@@ -252,6 +256,58 @@ def _probs(model: nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.
     return predict_proba(model, x, batch_size=batch_size, device=device)
 
 
+class _Shard:
+    """This rank's whole batches of the images and the way back to all of them (alone: all)."""
+
+    def __init__(self, n: int, batch_size: int, dist: Any) -> None:
+        from histoshield.training.distributed import batch_shard
+
+        self.n, self.dist = n, dist
+        self.on = dist is not None and dist.distributed
+        self.mine = batch_shard(n, batch_size, dist) if self.on else None
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's rows of a tensor over all images."""
+        if t is None or self.mine is None:
+            return t
+        return t[self.mine.to(t.device)]
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """All images' rows, in index order, from this rank's (every rank gets them)."""
+        if self.mine is None:
+            return t
+        from histoshield.training.distributed import gather_rows
+
+        return gather_rows(t.cpu(), self.mine, self.n, self.dist).to(t.device)
+
+    def passes(self, counts: dict[str, int]) -> dict[str, int]:
+        """Pass counters summed over ranks."""
+        if not self.on:
+            return dict(counts)
+        from histoshield.training.distributed import sum_over_ranks
+
+        return sum_over_ranks(counts, self.dist)
+
+    def seconds(self, value: float) -> float:
+        """Wall seconds of the slowest rank."""
+        if not self.on:
+            return value
+        from histoshield.training.distributed import max_over_ranks
+
+        return max_over_ranks(value, self.dist)
+
+    def batches(self, per_batch: list) -> list:
+        """Per-batch logs in global batch order (batch b ran on rank b % world)."""
+        if not self.on:
+            return per_batch
+        from histoshield.training.distributed import gather_json
+
+        logs, world, out = gather_json(per_batch, self.dist), self.dist.world, []
+        while len(out) // world < len(logs[len(out) % world]):
+            out.append(logs[len(out) % world][len(out) // world])
+        return out
+
+
 def run_attacks(
     model: nn.Module,
     x: torch.Tensor,
@@ -271,44 +327,74 @@ def run_attacks(
     keep_adv: bool = False,
     quality: bool = True,
     progress: bool = False,
+    early_stop: bool | None = None,
+    index: torch.Tensor | None = None,
+    dist: Any = None,
 ) -> Iterator[Outcome]:
     """Attack (x, y) with every run on `model` and yield one `Outcome` per run and judge.
+
+    `early_stop` (default: on, unless the model is randomized — `default_eot` > 1 — where one
+    misclassified draw proves nothing) stops attacking an image once it is misclassified; an
+    attack's `early_stop` param (spec `pgd:early_stop=false`) overrides it. It only ever finds
+    more adversarial images than the full run, at a fraction of the passes (`forward_passes`,
+    `gradient_passes` in the row). `index` names the images globally (per-image randomness
+    derives from seed and index; default 0..N-1).
 
     `judges` ({name: model}) score the images crafted on `model` (named `source`); a judge that
     is not `model` itself marks its rows as transfer. `crafted` ({(run.name, eps): images})
     supplies adversarial images made earlier (e.g. by the curves stage) instead of crafting
     again. `target` is a class index (targeted attack), `only` and `n_excluded` are recorded
     in the rows. Each attack is seeded with `seed` (params may override it).
+
+    `dist` (a `training.distributed.DistContext` under torchrun) shards the images by whole
+    batches of `batch_size` over the ranks; per-image results are gathered back in index order
+    on every rank, so the outcomes (and rows) equal a one-process run's, on every rank.
     """
     from histoshield.attacks import create
 
     y = torch.as_tensor(y).long().reshape(-1).cpu()
     classes = list(classes) if classes is not None else getattr(model, "classes", None)
     scorers = dict(judges) if judges is not None else {None: model}
+    shard = _Shard(len(y), batch_size, dist)
+    xs, ys = shard.take(x), shard.take(y)
+    if shard.on:  # the attack must know each image's global index (its randomness)
+        index = shard.mine if index is None else shard.take(torch.as_tensor(index))
     clean: dict[Any, torch.Tensor] = {}  # clean probabilities per judge, computed once
     runs = list(runs)
     if progress:
         from tqdm.auto import tqdm
 
         runs = tqdm(runs, desc="attacks", unit="run", leave=False)
+    if early_stop is None:
+        early_stop = getattr(model, "default_eot", 1) <= 1
     for run in runs:
-        kw: dict[str, Any] = {"seed": seed, "batch_size": batch_size, **run.params}
+        kw: dict[str, Any] = {
+            "seed": seed,
+            "batch_size": batch_size,
+            "early_stop": early_stop,
+            **run.params,
+        }
         atk = create(run.attack, model, eps=run.eps, target=target, classes=classes, **kw)
         seconds: float | None = None
         reused = crafted.get((run.name, run.eps)) if crafted is not None else None
         if reused is not None:
-            adv = reused
+            adv = shard.take(reused)
         else:
             t0 = time.perf_counter()
-            adv = x.clone() if run.eps == 0 else atk(x, y.to(x.device))
-            seconds = time.perf_counter() - t0
-        qual = _quality_of(x, adv) if quality else {}
-        queries = float(atk.queries.float().mean()) if atk.queries is not None else None
+            by = () if index is None else (index,)
+            adv = xs.clone() if run.eps == 0 else atk(xs, ys.to(x.device), *by)
+            seconds = shard.seconds(time.perf_counter() - t0)
+        ran = reused is None and run.eps > 0
+        qual = _quality_of(xs, adv, shard) if quality else {}
+        queries = _queries_of(atk, len(ys), shard)
+        passes = shard.passes(atk.passes) if ran else None
+        log = shard.batches(list(getattr(atk, "log", None) or [])) if ran else []
+        kept = shard.full(adv) if keep_adv else None  # every rank's images (memory: all of them)
         for judge, scorer in scorers.items():
             if judge not in clean:
-                clean[judge] = _probs(scorer, x, batch_size, device)
+                clean[judge] = shard.full(_probs(scorer, xs, batch_size, device))
             p_clean = clean[judge]
-            p_adv = _probs(scorer, adv, batch_size, device)
+            p_adv = shard.full(_probs(scorer, adv, batch_size, device))
             pred = p_adv.argmax(1)
             clean_ok, adv_ok = p_clean.argmax(1) == y, pred == y
             n, k_clean, k_adv = len(y), int(clean_ok.sum()), int(adv_ok.sum())
@@ -339,17 +425,27 @@ def run_attacks(
                 only=only,
                 n_excluded=n_excluded,
                 seed=int(kw["seed"]),
-                components=list(atk.log) if getattr(atk, "log", None) else None,
+                components=log or None,
+                early_stop=atk.early_stop if run.eps > 0 else None,
+                forward_passes=passes["forward"] if passes else None,
+                gradient_passes=passes["forward_backward"] if passes else None,
             )
-            yield Outcome(
-                row, run, judge, clean_ok, adv_ok, p_clean, p_adv, adv if keep_adv else None
-            )
+            yield Outcome(row, run, judge, clean_ok, adv_ok, p_clean, p_adv, kept)
 
 
-def _quality_of(x: torch.Tensor, adv: torch.Tensor) -> dict[str, float | None]:
-    from histoshield.evaluation.quality import image_quality
+def _quality_of(x: torch.Tensor, adv: torch.Tensor, shard: _Shard) -> dict[str, float | None]:
+    from histoshield.evaluation.quality import per_image_quality, summarize_quality
 
-    return image_quality(x, adv)
+    return summarize_quality(shard.full(per_image_quality(x, adv)))
+
+
+def _queries_of(atk: Any, n: int, shard: _Shard) -> float | None:
+    """Mean model queries per image over all ranks (None: the attack does not count them)."""
+    if not shard.on:
+        return float(atk.queries.float().mean()) if atk.queries is not None else None
+    q = atk.queries.float().cpu() if atk.queries is not None else torch.full((n,), float("nan"))
+    q = shard.full(q)
+    return None if bool(q.isnan().all()) or len(q) == 0 else float(q.mean())
 
 
 def worst_case(

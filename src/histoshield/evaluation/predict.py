@@ -22,8 +22,19 @@ def predict_proba(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    dist: Any = None,
 ) -> torch.Tensor:
-    """Softmax probabilities (N,C) on CPU, in eval mode; the model's mode is restored after."""
+    """Softmax probabilities (N,C) on CPU, in eval mode; the model's mode is restored after.
+
+    `dist` (a `training.distributed.DistContext` under torchrun) splits the batches over the
+    ranks and gathers the rows back in order on every rank (the same batches as alone).
+    """
+    if dist is not None and dist.distributed:
+        from histoshield.training.distributed import batch_shard, gather_rows
+
+        mine = batch_shard(x.shape[0], batch_size, dist)
+        part = predict_proba(model, x[mine.to(x.device)], batch_size=batch_size, device=device)
+        return gather_rows(part, mine, x.shape[0], dist)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -255,12 +266,14 @@ def degenerate_check(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    dist: Any = None,
 ) -> str | None:
     """Why `model`'s robustness numbers on (x, y) are not meaningful (near-constant or
     near-chance clean predictions), or None; every evaluation reports it at the top."""
     from histoshield.evaluation.metrics import degenerate_reason
 
-    pred = predict_proba(model, x, batch_size=batch_size, device=device).argmax(1)
+    prob = predict_proba(model, x, batch_size=batch_size, device=device, dist=dist)
+    pred = prob.argmax(1)
     return degenerate_reason(torch.as_tensor(y).cpu(), pred, classes)
 
 
@@ -277,8 +290,10 @@ def evaluate_checkpoint(
     device: str = "auto",
     classes: list[str] | str | None = None,
     allow_patient_leak: bool = False,
+    dist: Any = None,
 ) -> dict[str, Any]:
-    """Clinical metrics of a checkpoint on one subset of a split (or all of a data set)."""
+    """Clinical metrics of a checkpoint on one subset of a split (or all of a data set);
+    `dist` shards the predictions over torchrun ranks (every rank returns the metrics)."""
     from histoshield.evaluation.metrics import classification_metrics, degenerate_reason
 
     ev = load_eval_data(
@@ -297,7 +312,7 @@ def evaluate_checkpoint(
         from histoshield.defenses import purify as purify_mod
 
         model = purify_mod.wrap(model, purify)
-    prob = predict_proba(model, x, batch_size=batch_size, device=dev)
+    prob = predict_proba(model, x, batch_size=batch_size, device=dev, dist=dist)
     _require_finite(prob, checkpoint, [str(r.path) for r in ev.records])
     degenerate = degenerate_reason(y, prob.argmax(1), classes)
     patients = [r.patient for r in ev.records]

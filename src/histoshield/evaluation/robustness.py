@@ -47,6 +47,7 @@ def evaluate_attack(
     progress: bool = True,
     outcomes: list | None = None,
     keep_adv: bool = False,
+    dist: Any = None,
 ) -> list[dict]:
     """Attack (x, y) at every eps through the harness and return one result row (dict) per eps.
 
@@ -55,6 +56,7 @@ def evaluate_attack(
     (over initially correct images; targeted: reached the target), per-class and balanced
     adversarial accuracy, perturbation sizes, PSNR/SSIM, queries, time. `outcomes`, when a
     list, receives the harness outcomes (per-image masks; adversarial images if `keep_adv`).
+    `dist` shards the images over torchrun ranks (`harness.run_attacks`).
     """
     from histoshield.attacks import parse_eps
 
@@ -82,6 +84,7 @@ def evaluate_attack(
         seed=seed,
         keep_adv=keep_adv,
         progress=progress,
+        dist=dist,
     ):
         rows.append({**o.row.to_dict(), "transfer": transfer_model is not None})
         if outcomes is not None:
@@ -213,12 +216,16 @@ def attack_checkpoint(
     progress: bool = True,
     overwrite: bool = False,
     figures: Callable[[dict[str, Any]], Any] | None = None,
+    dist: Any = None,
 ) -> dict[str, Any]:
     """`histoshield attack`: load checkpoint and data, check the model is not degenerate, run
     the harness and the self-checks, and write config.yaml, env.json and results.json into a
     run folder (held with `runfolder.claim`: another kind of run, or a finished attack without
     `overwrite`, refused). `figures(result)` runs inside the claim (the CLI passes
-    `report.attack.write_attack_figures`)."""
+    `report.attack.write_attack_figures`). Under torchrun (`dist`) every rank attacks its
+    share of the images and gets the gathered result; only rank 0 claims and writes."""
+    from contextlib import nullcontext
+
     from histoshield.attacks import parse_eps
     from histoshield.evaluation.predict import load_model
     from histoshield.runfolder import claim
@@ -247,22 +254,23 @@ def attack_checkpoint(
                 f"--transfer-to {transfer_to} has classes {list(other.classes)}, {checkpoint} "
                 f"has {classes}: transfer needs the same classes"
             )
-    with claim(out, "attack", overwrite=overwrite):
+    main = dist is None or dist.is_main
+    with claim(out, "attack", overwrite=overwrite) if main else nullcontext():
         result = _attack_run(
             checkpoint, attack=attack, eps_values=eps_values, data=data, split=split,
             subset=subset, params=params, only=only, target=target, transfer_to=transfer_to,
             other=other, purify=purify, save_examples=save_examples, out=out,
             batch_size=batch_size, limit=limit, seed=seed, skip_bad=skip_bad, device=dev,
-            progress=progress,
+            progress=progress and main, dist=dist,
         )  # fmt: skip
-        if figures is not None:
+        if figures is not None and main:
             figures(result)
         return result
 
 
 def _attack_run(
     checkpoint, *, attack, eps_values, data, split, subset, params, only, target, transfer_to,
-    other, purify, save_examples, out, batch_size, limit, seed, skip_bad, device, progress,
+    other, purify, save_examples, out, batch_size, limit, seed, skip_bad, device, progress, dist,
 ) -> dict[str, Any]:  # fmt: skip
     import yaml
 
@@ -282,7 +290,9 @@ def _attack_run(
         model = purify_mod.wrap(model, purify)
         other = purify_mod.wrap(other, purify) if other is not None else None
     judge = other if other is not None else model
-    degenerate = degenerate_check(judge, ev.x, ev.y, classes, batch_size=batch_size, device=dev)
+    degenerate = degenerate_check(
+        judge, ev.x, ev.y, classes, batch_size=batch_size, device=dev, dist=dist
+    )
     # images already of the target class cannot be pushed towards it
     kept = {id(r) for r in filter_records(ev.records, classes, only=only, exclude=target,
                                           limit=limit)}  # fmt: skip
@@ -309,16 +319,18 @@ def _attack_run(
         "limit": limit,
         "seed": seed,
     }
-    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    env = environment(dev)
-    write_json(out / "env.json", env)
+    main = dist is None or dist.is_main
+    env = {**environment(dev), **sharding(len(x), batch_size, dist)}
+    if main:
+        write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_json(out / "env.json", env)
     result = run_attack_experiment(
         model,
         x.to(dev),
         y.to(dev),
         attack=attack,
         eps_list=eps_values,
-        out=out,
+        out=out if main else None,
         examples=save_examples is not None,
         degenerate=degenerate,
         params=params,
@@ -329,11 +341,22 @@ def _attack_run(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        dist=dist,
     )
     result["out"] = str(out)
     result["source"] = ev.source
-    write_json(out / "env.json", {**env, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if main:
+        write_json(out / "env.json", {**env, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return result
+
+
+def sharding(n: int, batch_size: int, dist: Any = None) -> dict[str, Any]:
+    """What env.json records about torchrun: world size and each rank's number of images."""
+    from histoshield.training.distributed import shares
+
+    world = dist.world if dist is not None else 1
+    return {"world_size": world, "shard_batch_size": batch_size,
+            "rank_images": shares(n, batch_size, world)}  # fmt: skip
 
 
 def format_rows(

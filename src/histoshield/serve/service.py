@@ -189,7 +189,7 @@ class Service:
                     "description": (cls.__doc__ or name).strip().splitlines()[0],
                     "norm": cls.norm,
                     "max_eps": self._eps_cap(cls.norm),
-                    "gradient_based": bool(getattr(cls, "gradient_based", True)),
+                    "gradient_based": not cls.black_box,
                     "params": {k: v for k, v in params.items() if _jsonable(v)},
                     "quick": self._quick(name, {}),
                 }

@@ -36,8 +36,10 @@ def stage_certify(ctx: Context) -> dict[str, Any]:
         seed=ctx.cfg.seed,
         device=ctx.device,
         progress=ctx.progress,
+        dist=ctx.dist,
     )
-    write_json(ctx.out / "certify.json", res)
+    if ctx.main:
+        write_json(ctx.out / "certify.json", res)
     summary = {k: v for k, v in res.items() if k != "rows"}
     summary["model"] = GAUSSIAN
     summary["abstain"] = int(sum(r["abstained"] for r in res["rows"]))

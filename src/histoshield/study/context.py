@@ -35,6 +35,12 @@ class Context:
     progress: bool
     echo: Callable[[str], None]
     cache: dict[str, Any] = field(default_factory=dict)
+    dist: Any = None  # training.distributed.DistContext under torchrun
+
+    @property
+    def main(self) -> bool:
+        """True on the one process that writes (rank 0, or alone)."""
+        return self.dist is None or self.dist.is_main
 
     @property
     def model_names(self) -> list[str]:

@@ -103,16 +103,26 @@ def run_study(
     overwrite: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    dist: Any = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage of the study into `out`; returns the final results.json."""
+    """Run (or resume) every stage of the study into `out`; returns the final results.json.
+
+    Under torchrun (`dist`) every rank runs every stage — training with DDP, evaluation
+    sharded by the harness — and waits for the others after each; rank 0 alone claims `out`
+    and writes (the other ranks read what it wrote: the split, the checkpoints, state.json).
+    """
+    from contextlib import nullcontext
+
     from histoshield.runfolder import claim
 
     check_study_config(cfg)  # a typo in an attack or defense fails now, not after training
     out = Path(out).expanduser().resolve()
-    with claim(out, "study", resume=resume, overwrite=overwrite):
+    main = dist is None or dist.is_main
+    with claim(out, "study", resume=resume, overwrite=overwrite) if main else nullcontext():
         return _run_study(
-            cfg, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo
-        )
+            cfg, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo,
+            dist=dist,
+        )  # fmt: skip
 
 
 def _run_study(
@@ -123,10 +133,66 @@ def _run_study(
     overwrite: bool,
     progress: bool,
     echo: Callable[[str], None] | None,
+    dist: Any = None,
 ) -> dict[str, Any]:
+    main = dist is None or dist.is_main
+    if not main:
+        progress, echo = False, (lambda s: None)
     say = echo or (print if progress else _stderr)  # a kept-stages note shows even when quiet
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(cfg)
+    state_path = out / STATE
+    state: dict[str, Any] | None = None
+    results: dict[str, Any] | None = None
+    if main:  # rank 0 checks, clears and records; the other ranks get its state below
+        state, results = _start_state(out, cfg, cfg_text, resume=resume, overwrite=overwrite,
+                                      say=say)  # fmt: skip
+    device = dist.device if dist is not None else pick_device(cfg.train.device)
+    env = environment(device)
+    if dist is not None:
+        env["world_size"] = dist.world
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", cfg_text)
+        write_json(out / "env.json", env)
+    if dist is not None:  # every rank continues from rank 0's state and results
+        from histoshield.training.distributed import gather_json
+
+        state, results = gather_json([state, results] if main else None, dist)[0]
+    assert state is not None and results is not None
+    results.update(name=cfg.name, config=cfg.model_dump(mode="json"), env=env)
+    results.setdefault("timings", {})
+    ctx = Context(cfg, out, results, device, progress, echo, dist=dist)
+    stages = build_stages(cfg)
+    for i, stage in enumerate(stages):
+        if stage.name in state["finished"]:
+            continue
+        echo(f"[{i + 1}/{len(stages)}] {stage.name}")
+        seed_everything(cfg.seed)
+        t0 = time.perf_counter()
+        new = stage.fn(ctx) or {}
+        _merge(results, new)
+        results["timings"][stage.name] = round(time.perf_counter() - t0, 3)
+        results["total_seconds"] = round(sum(results["timings"].values()), 3)
+        state["finished"].append(stage.name)
+        if main:
+            write_json(out / RESULTS, results)
+            write_json(state_path, state)  # after results: a stage counts once its numbers exist
+        if dist is not None:
+            dist.barrier()  # the next stage may read what rank 0 just wrote
+    if "report" in state["finished"] and main:
+        # the report stage ran before the final timing was known: refresh it with every stage
+        from histoshield.report import build_report
+
+        build_report(out)
+    echo(f"report: {out / 'report.html'}")
+    return results
+
+
+def _start_state(
+    out: Path, cfg: StudyConfig, cfg_text: str, *, resume: bool, overwrite: bool, say
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, results) to start from: a fresh study, a cleared one, or the one resumed."""
     state_path = out / STATE
     if state_path.is_file() and not resume:
         if not overwrite:
@@ -140,38 +206,8 @@ def _run_study(
         if state.get("config_sha256") != _config_digest(cfg_text):
             _accept_changed_config(out, cfg, state, say)
         results = read_json(out / RESULTS) if (out / RESULTS).is_file() else {}
-    else:
-        state = {"finished": [], "config_sha256": _config_digest(cfg_text)}
-        results = {}
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", cfg_text)
-    device = pick_device(cfg.train.device)
-    env = environment(device)
-    write_json(out / "env.json", env)
-    results.update(name=cfg.name, config=cfg.model_dump(mode="json"), env=env)
-    results.setdefault("timings", {})
-    ctx = Context(cfg, out, results, device, progress, echo)
-    stages = build_stages(cfg)
-    for i, stage in enumerate(stages):
-        if stage.name in state["finished"]:
-            continue
-        echo(f"[{i + 1}/{len(stages)}] {stage.name}")
-        seed_everything(cfg.seed)
-        t0 = time.perf_counter()
-        new = stage.fn(ctx) or {}
-        _merge(results, new)
-        results["timings"][stage.name] = round(time.perf_counter() - t0, 3)
-        results["total_seconds"] = round(sum(results["timings"].values()), 3)
-        write_json(out / RESULTS, results)
-        state["finished"].append(stage.name)
-        write_json(state_path, state)  # after results: a stage counts only once its numbers exist
-    if "report" in state["finished"]:
-        # the report stage ran before the final timing was known: refresh it with every stage
-        from histoshield.report import build_report
-
-        build_report(out)
-    echo(f"report: {out / 'report.html'}")
-    return results
+        return state, results
+    return {"finished": [], "config_sha256": _config_digest(cfg_text)}, {}
 
 
 def _stderr(line: str) -> None:

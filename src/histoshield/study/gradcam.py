@@ -41,7 +41,7 @@ def stage_gradcam(ctx: Context) -> dict[str, Any]:
         )  # fmt: skip
         npz = f"examples/gradcam_{name}.npz"
         save_npz(
-            ctx.out / npz, x=ev.x.numpy(), adv=ev.adv.numpy(), cam_clean=ev.cam_clean,
+            ctx, ctx.out / npz, x=ev.x.numpy(), adv=ev.adv.numpy(), cam_clean=ev.cam_clean,
             cam_adv=ev.cam_adv, p_clean=ev.p_clean.numpy(), p_adv=ev.p_adv.numpy(),
             labels=ev.labels.numpy(),
         )  # fmt: skip

@@ -11,6 +11,7 @@ from histoshield.study.context import RESULTS, Context
 def stage_report(ctx: Context) -> dict[str, Any]:
     from histoshield.report import build_report
 
-    write_json(ctx.out / RESULTS, ctx.results)  # the report reads only what is on disk
-    build_report(ctx.out)
+    if ctx.main:
+        write_json(ctx.out / RESULTS, ctx.results)  # the report reads only what is on disk
+        build_report(ctx.out)
     return {}

@@ -72,11 +72,15 @@ def load_model(ctx: Context, name: str) -> torch.nn.Module:
 def probabilities(ctx: Context, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from histoshield.evaluation.predict import predict_proba
 
-    return predict_proba(model, x, batch_size=ctx.cfg.batch_size, device=ctx.device)
+    return predict_proba(model, x, batch_size=ctx.cfg.batch_size, device=ctx.device, dist=ctx.dist)
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
+def save_npz(ctx: Context, path: Path, **arrays: np.ndarray) -> None:
+    """Write arrays to an .npz atomically (rank 0 only under torchrun)."""
     from histoshield.runtime import atomic_write
+
+    if not ctx.main:
+        return
 
     def _write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -105,6 +109,7 @@ def run_harness(ctx: Context, model, x, y, runs, **kw: Any):
         batch_size=ctx.cfg.batch_size,
         seed=ctx.cfg.seed,
         device=ctx.device,
+        dist=ctx.dist,
         **kw,
     )
 

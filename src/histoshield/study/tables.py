@@ -129,7 +129,7 @@ def _figure6(ctx, x, y, adv, p_clean, p_adv, idx, classes) -> dict[str, Any]:
     pool = flipped if bool(flipped.any()) else torch.ones_like(flipped)
     i = int(torch.where(pool, conf, torch.full_like(conf, -1.0)).argmax())
     save_npz(
-        ctx.out / "examples" / "figure6.npz", original=x[i].numpy(), adversarial=adv[i].numpy()
+        ctx, ctx.out / "examples" / "figure6.npz", original=x[i].numpy(), adversarial=adv[i].numpy()
     )
     pc, pa = int(p_clean[i].argmax()), int(p_adv[i].argmax())
     return {

@@ -41,7 +41,8 @@ def stage_split(ctx: Context) -> dict[str, Any]:
         if by == "auto":
             by = "patient" if all(r.patient for r in iset.records) else "image"
         split = make_split(iset, by=by, val=cfg.train.val, test=cfg.train.test, seed=cfg.seed)
-    write_split(ctx.out / "split.csv", split)
+    if ctx.main:
+        write_split(ctx.out / "split.csv", split)
     ctx.cache.pop("split", None)
     patients = None
     if all(r.patient for r in split.records):
@@ -112,5 +113,5 @@ def _figure4(ctx: Context) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(ctx.cfg.seed)
     x = torch.from_numpy(img).float() / 255.0
     noisy = (x + ctx.cfg.gaussian_sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
-    save_npz(ctx.out / "examples" / "figure4.npz", image=img, noisy=noisy.numpy())
+    save_npz(ctx, ctx.out / "examples" / "figure4.npz", image=img, noisy=noisy.numpy())
     return {"figure4": {"sigma": ctx.cfg.gaussian_sigma}}

@@ -1,18 +1,42 @@
-"""Process-group plumbing for `torchrun ... -m histoshield train`: one rank per process.
+"""Process-group plumbing for `torchrun ... -m histoshield CMD`: one rank per process.
 
-Outside torchrun (no WORLD_SIZE > 1 in the environment) everything here is a no-op, so the
-training loop has a single code path.
+Training shards its samples (DDP); evaluation (`attack`, `evaluate`, `certify`) shards images by
+whole batches (`batch_shard`), so each batch is exactly the batch a one-process run makes, and
+gathers per-image results back in index order (`gather_rows`, `gather_json`: plain tensors and
+JSON, never pickle). Outside torchrun (no WORLD_SIZE > 1 in the environment) everything here is
+a no-op, so callers have a single code path. Collectives time out after
+`$HISTOSHIELD_DIST_TIMEOUT` seconds (default 1800): a rank that dies or hangs stops the job.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from histoshield.errors import HistoshieldError
 from histoshield.runtime import pick_device
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def timeout_seconds() -> float:
+    """Collective timeout: `$HISTOSHIELD_DIST_TIMEOUT` seconds (default 1800)."""
+    raw = os.environ.get("HISTOSHIELD_DIST_TIMEOUT", "")
+    if not raw.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise HistoshieldError(f"HISTOSHIELD_DIST_TIMEOUT must be seconds > 0, got {raw!r}")
+    return value
 
 
 @dataclass
@@ -66,7 +90,10 @@ def setup(device: str = "auto") -> DistContext:
         torch.cuda.set_device(dev)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_seconds()),
+        )
         owns = True
     return DistContext(rank=rank, world=world, local_rank=local, device=dev, owns_group=owns)
 
@@ -119,3 +146,82 @@ def broadcast_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
         return
     for t in model.buffers():
         dist.broadcast(t.data, src=0)
+
+
+# ---- sharded evaluation ----------------------------------------------------------------------
+
+
+def batch_shard(n: int, batch_size: int, ctx: DistContext) -> torch.Tensor:
+    """Indices of this rank's images: whole batches of `batch_size`, batch b to rank b % world.
+
+    Every image lands on exactly one rank, for any world size (also one that does not divide
+    the number of batches or images), and each batch holds exactly the images the one-process
+    run puts together, so batch-level computations agree bit for bit.
+    """
+    if batch_size < 1:
+        raise HistoshieldError(f"batch size must be >= 1, got {batch_size}")
+    starts = range(ctx.rank * batch_size, n, ctx.world * batch_size)
+    parts = [torch.arange(s, min(s + batch_size, n)) for s in starts]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def _comm_device(ctx: DistContext) -> torch.device:
+    return ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+
+
+def _all_gather_padded(t: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
+    """Every rank's tensor (variable first dimension), in rank order, on every rank."""
+    dev = _comm_device(ctx)
+    n = torch.tensor([t.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(ctx.world)]
+    dist.all_gather(sizes, n)
+    longest = max(int(s) for s in sizes)
+    pad = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=dev)
+    pad[: t.shape[0]] = t.to(dev)
+    parts = [torch.empty_like(pad) for _ in range(ctx.world)]
+    dist.all_gather(parts, pad)
+    return [p[: int(s)].cpu() for p, s in zip(parts, sizes, strict=True)]
+
+
+def gather_rows(t: torch.Tensor, mine: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
+    """The full (n, ...) tensor, in global index order, from each rank's rows `t` of images
+    `mine` (from `batch_shard`); on every rank. Alone: `t` itself."""
+    if not ctx.distributed:
+        return t
+    is_bool = t.dtype == torch.bool
+    t = t.detach().to(torch.uint8) if is_bool else t.detach()
+    rows = _all_gather_padded(t, ctx)
+    idx = _all_gather_padded(mine.long(), ctx)
+    order = torch.cat(idx)
+    if len(order) != n or not torch.equal(torch.sort(order).values, torch.arange(n)):
+        raise HistoshieldError(f"ranks returned {len(order)} rows for {n} images: shards disagree")
+    full = torch.empty((n, *t.shape[1:]), dtype=t.dtype)
+    full[order] = torch.cat(rows)
+    return full.bool() if is_bool else full
+
+
+def gather_json(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's JSON-serialisable `obj`, in rank order, on every rank (alone: [obj])."""
+    if not ctx.distributed:
+        return [obj]
+    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8)
+    return [json.loads(bytes(p.tolist()).decode()) for p in _all_gather_padded(data, ctx)]
+
+
+def max_over_ranks(value: float, ctx: DistContext) -> float:
+    """The largest of every rank's `value` (e.g. wall seconds of a sharded stage)."""
+    return max(gather_json(float(value), ctx))
+
+
+def sum_over_ranks(values: dict[str, int], ctx: DistContext) -> dict[str, int]:
+    """Key-wise sum of every rank's integer counters."""
+    out: dict[str, int] = {}
+    for part in gather_json(values, ctx):
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+def shares(n: int, batch_size: int, world: int) -> list[int]:
+    """How many of `n` images each rank evaluates (for env.json)."""
+    return [len(batch_shard(n, batch_size, DistContext(rank=r, world=world))) for r in range(world)]
