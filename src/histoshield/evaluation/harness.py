@@ -176,7 +176,7 @@ def describe(atk: Any) -> str:
     parts = getattr(atk, "components", None)
     if parts:
         return f"worst case of {' → '.join(parts)}, {steps} steps, {queries} queries (strongest)"
-    if not getattr(atk, "gradient_based", True):
+    if atk.black_box:
         return f"{title}, {queries} queries (black box)" if queries else f"{title} (black box)"
     if steps is None:
         return f"{title}, single step (weak)"
