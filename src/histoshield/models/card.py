@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from histoshield.config import Strict, read_yaml, settings_error
+from histoshield.config import Strict, read_yaml
 from histoshield.errors import HistoshieldError
 from histoshield.models.wrapper import HistoModel
 
@@ -115,8 +115,26 @@ def load_card(card: str | Path | dict[str, Any] | ModelCard) -> tuple[ModelCard,
     try:
         return ModelCard.model_validate(data), base
     except ValidationError as e:
-        text = str(settings_error(e, source or "the model card"))
-        raise HistoshieldError(text.replace(" setting ", " model card key ", 1)) from None
+        raise card_error(e, source or "the model card") from None
+
+
+def card_error(e: ValidationError, source: str | Path) -> HistoshieldError:
+    """One line for the first problem of a card: missing, unknown or invalid key."""
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return HistoshieldError(f"model card {source} is missing the key {key}")
+    if err["type"] == "extra_forbidden":
+        return HistoshieldError(
+            f"unknown model card key {key} in {source}: valid keys are "
+            f"{', '.join(ModelCard.model_fields)}"
+        )
+    if not key:  # a rule across keys (model_validator)
+        return HistoshieldError(f"model card {source}: {msg}")
+    got = err.get("input")
+    value = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) else ""
+    return HistoshieldError(f"invalid model card key {key} in {source}: {msg}{value}")
 
 
 def is_card(path: str | Path) -> bool:
@@ -153,7 +171,7 @@ def to_logits(out: torch.Tensor, output: str) -> torch.Tensor:
     """Exact logits (N,C) from a model's output: logits, probabilities, or one sigmoid value."""
     if isinstance(out, (tuple, list)):  # e.g. a TorchScript module returning (logits, extra)
         out = out[0]
-    out = out.float()
+    out = out if out.is_floating_point() else out.float()
     tiny = torch.finfo(out.dtype).tiny  # log(0) = -inf would poison every gradient
     if output == "logits":
         return out
@@ -170,8 +188,12 @@ def to_logits(out: torch.Tensor, output: str) -> torch.Tensor:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+    """The informative line of an exception: TorchScript wraps the real error ('RuntimeError:
+    mat1 and mat2 shapes cannot be multiplied ...') in a long interpreter trace."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    real = [x.split("Error: ", 1)[1] for x in lines if "Error: " in x]
+    text = real[-1] if real else (lines[0] if lines else type(e).__name__)
+    return text[:200]
 
 
 def _torchscript(path: Path) -> nn.Module:
@@ -181,8 +203,8 @@ def _torchscript(path: Path) -> nn.Module:
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # jit raises RuntimeError/ValueError with C++ traces on junk
         raise HistoshieldError(
-            f"cannot read {path} as TorchScript ({_first_line(e)}): is format right? Save it "
-            "with torch.jit.save(torch.jit.trace(model, x), path)"
+            f"cannot read {path} as TorchScript ({type(e).__name__}): is the card's format "
+            "right? Save TorchScript with torch.jit.save(torch.jit.trace(model, x), path)"
         ) from None
 
 
@@ -341,8 +363,8 @@ def _probe(adapter: CardAdapter, card: ModelCard, path: Path) -> list[str]:
         want = f"(N,{n_classes}) for the {n_classes} classes {card.classes}"
     if not ok:
         raise HistoshieldError(
-            f"model {path} outputs shape {tuple(shape[1:])} per batch of images but the card "
-            f"needs {want}: fix classes or output"
+            f"model {path} outputs shape {tuple(shape[1:])} per image but the card needs "
+            f"{want}: fix classes or output"
         )
     if not torch.isfinite(out).all():
         raise HistoshieldError(f"model {path} gives NaN or infinite outputs on a grey image")
