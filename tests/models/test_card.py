@@ -292,3 +292,34 @@ def test_empty_and_duplicate_key_cards(tmp_path, capsys):
     for name, needle in (("empty.yaml", "is empty"), ("dup.yaml", "duplicate key")):
         code, _, err = run_cli(capsys, "audit", str(tmp_path / name), "--data", "synthetic")
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_committed_example_card_describes_what_export_writes(tmp_path):
+    """examples/cards/onnx-example.yaml (the README's audit example) loads the file that
+    `histoshield export` writes for a default-size smallcnn, with the same preprocessing."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[2]
+    card = tmp_path / "examples" / "cards" / "onnx-example.yaml"
+    card.parent.mkdir(parents=True)
+    shutil.copy(repo / "examples" / "cards" / "onnx-example.yaml", card)
+    torch.manual_seed(6)
+    m = models.create("smallcnn", image_size=96).eval()
+    _, written = export_model(m, "onnx", tmp_path / "runs" / "example" / "model.onnx")
+    ours, theirs = yaml.safe_load(card.read_text()), yaml.safe_load(written.read_text())
+    for key in ("format", "input_size", "mean", "std", "channel_order", "classes", "output"):
+        assert ours[key] == theirs[key], key
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(from_card(card)(x), m(x), atol=1e-5)
+
+
+def test_exported_onnx_runs_in_onnxruntime(original, batch, tmp_path):
+    """The exported file is plain ONNX that other tools read: onnxruntime gives the logits."""
+    ort = pytest.importorskip("onnxruntime")
+    x, _ = batch
+    path, _ = export_model(original, "onnx", tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path))
+    z = sess.run(None, {"input": ((x - 0.5) / 0.25).numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(z), original(x), atol=1e-5)
