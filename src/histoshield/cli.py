@@ -218,6 +218,47 @@ def predict_cmd(
             typer.echo(f"{r['image']}\t{r['class']}\t{r['probability']:.4f}")
 
 
+@app.command("explain")
+def explain_cmd(
+    images: list[str] = typer.Argument(..., help="Image files or folders of images."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt."),
+    attack: str = typer.Option("pgd", "--attack", "-a", help="Attack spec, e.g. pgd:steps=20."),
+    eps: str = typer.Option("2/255", "--eps", help="Pixel units, e.g. 2/255."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the attack's random start."),
+    layer: str | None = typer.Option(None, "--layer", help="Module name (default: automatic)."),
+    out: str | None = typer.Option(None, "--out", help="Folder (default runs/explain-…)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+) -> None:
+    """Clean vs adversarial Grad-CAM of each image: gradcam.png and explain.json."""
+    from histoshield.attacks import parse_value
+    from histoshield.evaluation.explain import explain_images
+    from histoshield.evaluation.harness import parse_attack_spec
+    from histoshield.report.explain import evidence_panel
+
+    name, params = parse_attack_spec(attack)
+    res = explain_images(
+        checkpoint,
+        images,
+        attack=name,
+        params=params,
+        eps=parse_value(eps, "--eps"),
+        seed=seed,
+        layer=layer,
+        out=out,
+        device=device,
+        overwrite=overwrite,
+        figure=evidence_panel,
+    )
+    for r in res["images"]:
+        c, a = r["clean"], r["adversarial"]
+        typer.echo(
+            f"{r['image']}\tclean {c['class']} {c['probability']:.4f}"
+            f"\tadversarial {a['class']} {a['probability']:.4f}"
+        )
+    typer.echo(f"layer: {res['layer']}\npanel: {res['panel']}\nresults: {res['out']}/explain.json")
+
+
 # ---- attack -------------------------------------------------------------------------------
 
 

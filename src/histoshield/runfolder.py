@@ -30,7 +30,7 @@ from histoshield.errors import HistoshieldError
 
 LOCK = ".histoshield.lock"
 RUN = "run.json"
-KINDS = ("train", "study", "attack", "certify", "cv", "audit")
+KINDS = ("train", "study", "attack", "certify", "cv", "audit", "explain")
 
 # Files that show a folder's kind when it has no run.json (folders written before run.json).
 # Order matters: a study folder also holds results.json and certify.json.
@@ -48,6 +48,7 @@ FINISHED = {
     "certify": ("certify.json",),
     "cv": ("state.json",),
     "audit": ("results.json",),
+    "explain": ("explain.json",),
 }
 
 _HELD: dict[Path, int] = {}  # folders this process holds: path -> nesting depth

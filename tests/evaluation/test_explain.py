@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -168,3 +171,63 @@ def test_default_layer_falls_back_to_the_last_conv():
     assert default_layer(net) == "2"
     with pytest.raises(HistoshieldError, match="no Conv2d"):
         default_layer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2)))
+
+
+# ---- histoshield explain ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A seeded smallcnn checkpoint and 3 synthetic 32 px tiles (two classes)."""
+    from histoshield import data, models
+
+    root = tmp_path_factory.mktemp("explain-ckpt")
+    iset = data.synthesize(root / "syn", n=6, size=32, seed=0)
+    torch.manual_seed(0)
+    models.save_checkpoint(
+        root / "best.pt", create("smallcnn", classes=iset.classes, image_size=32)
+    )
+    return root / "best.pt", [str(r.path) for r in iset.records[:3]]
+
+
+def test_explain_cli_writes_panel_and_json(ckpt, tmp_path, capsys):
+    from tests.helpers_cli import run_cli
+
+    path, images = ckpt
+    out = tmp_path / "ex"
+    code, stdout, err = run_cli(
+        capsys, "explain", "-c", str(path), *images, "--attack", "pgd:steps=5",
+        "--eps", "8/255", "--seed", "3", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads((out / "explain.json").read_text())
+    assert res["attack"] == "pgd" and res["params"] == {"steps": 5} and res["seed"] == 3
+    assert res["eps"] == pytest.approx(8 / 255) and res["layer"] == "backbone.features"
+    assert res["target"] == "malignant" and [r["image"] for r in res["images"]] == images
+    for r in res["images"]:
+        assert sum(r["clean"]["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert r["linf_255"] <= 8 + 1e-3
+    assert PIL.Image.open(out / "gradcam.png").size[1] > 3 * 100  # one row per image
+    assert (out / "env.json").is_file() and "gradcam.png" in stdout
+    code, _, err = run_cli(capsys, "explain", "-c", str(path), *images, "--out", str(out))
+    assert code == 2 and "--overwrite" in err  # a finished explain run is not replaced silently
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable", "layer", "attack"])
+def test_explain_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys, case):
+    from tests.helpers_cli import run_cli
+
+    path, images = ckpt
+    args = ["explain", "-c", str(path), "--out", str(tmp_path / "ex")]
+    if case == "missing":
+        args += [str(tmp_path / "nope.png")]
+    elif case == "unreadable":
+        (tmp_path / "bad.png").write_bytes(b"not a png")
+        args += [images[0], str(tmp_path / "bad.png")]
+    elif case == "layer":
+        args += [images[0], "--layer", "backbone.nope"]
+    else:
+        args += [images[0], "--attack", "nosuch"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "ex" / "explain.json").exists()

@@ -7,8 +7,12 @@ to [0,1] per image. Cost: one forward and one backward pass per image.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,3 +171,167 @@ def _explain_failure(layer: str, hooks: object, error: Exception) -> None:
         raise HistoshieldError(
             f"Grad-CAM layer {layer} gets no gradient from the output (detached?)"
         ) from None
+
+
+# ---- clean vs adversarial evidence ----------------------------------------------------------
+
+
+@dataclass
+class Evidence:
+    """Clean and adversarial images of one model with their Grad-CAM maps and probabilities."""
+
+    x: torch.Tensor  # (N,3,H,W) clean, [0,1]
+    adv: torch.Tensor  # (N,3,H,W) adversarial
+    cam_clean: np.ndarray  # (N,H,W) in [0,1]
+    cam_adv: np.ndarray
+    p_clean: torch.Tensor  # (N,C) softmax probabilities
+    p_adv: torch.Tensor
+    classes: list[str]
+    layer: str
+    target: int  # the class the maps explain
+    attack: str
+    params: dict[str, Any]
+    eps: float
+    seed: int
+    labels: torch.Tensor | None = None  # true classes when known
+    names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What explain.json stores: the run's settings and, per image, both predictions."""
+
+        def pred(p: torch.Tensor) -> dict[str, Any]:
+            k = int(p.argmax())
+            probs = {c: float(v) for c, v in zip(self.classes, p, strict=True)}
+            return {"class": self.classes[k], "probability": float(p[k]), "probabilities": probs}
+
+        images = []
+        for i in range(len(self.x)):
+            row: dict[str, Any] = {"image": self.names[i] if i < len(self.names) else str(i)}
+            if self.labels is not None:
+                row["label"] = self.classes[int(self.labels[i])]
+            row["clean"] = pred(self.p_clean[i])
+            row["adversarial"] = pred(self.p_adv[i])
+            row["flipped"] = row["clean"]["class"] != row["adversarial"]["class"]
+            row["linf_255"] = float((self.adv[i] - self.x[i]).abs().max()) * 255
+            row["cam_mean_abs_change"] = float(np.abs(self.cam_adv[i] - self.cam_clean[i]).mean())
+            images.append(row)
+        return {
+            "layer": self.layer,
+            "target": self.classes[self.target],
+            "attack": self.attack,
+            "params": self.params,
+            "eps": self.eps,
+            "eps_255": self.eps * 255,
+            "seed": self.seed,
+            "attacked_labels": "true labels" if self.labels is not None else "clean predictions",
+            "classes": self.classes,
+            "images": images,
+        }
+
+
+def gradcam_evidence(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    attack: str = "pgd",
+    eps: float = 2 / 255,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    layer: str | None = None,
+    names: Sequence[str] = (),
+) -> Evidence:
+    """Attack `x` (labels `y`, else the model's clean predictions) and explain both versions."""
+    from histoshield import attacks
+    from histoshield.evaluation.harness import check_attack
+    from histoshield.evaluation.predict import predict_proba
+
+    x = _check_images(x)
+    params = dict(params or {})
+    check_attack(attack, [eps], params, model=model)
+    name = default_layer(model) if layer is None else layer
+    resolve_layer(model, name)
+    classes = list(getattr(model, "classes", None) or range(2))
+    device = next(model.parameters()).device
+    p_clean = predict_proba(model, x, device=device).cpu()
+    targets = y if y is not None else p_clean.argmax(1)
+    adv = attacks.run(attack, model, x, targets, eps=eps, seed=seed, **params).detach().cpu()
+    p_adv = predict_proba(model, adv, device=device).cpu()
+    return Evidence(
+        x=x.detach().cpu(),
+        adv=adv,
+        cam_clean=gradcam(model, x, layer=name),
+        cam_adv=gradcam(model, adv, layer=name),
+        p_clean=p_clean,
+        p_adv=p_adv,
+        classes=[str(c) for c in classes],
+        layer=name,
+        target=_target(model, None) % len(classes),
+        attack=attack,
+        params=params,
+        eps=float(eps),
+        seed=int(seed),
+        labels=None if y is None else y.detach().cpu(),
+        names=list(names),
+    )
+
+
+def explain_images(
+    checkpoint: str | Path,
+    images: Sequence[str | Path],
+    *,
+    attack: str = "pgd",
+    eps: float = 2 / 255,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    layer: str | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    figure: Callable[[Evidence, Path], Any] | None = None,
+) -> dict[str, Any]:
+    """`histoshield explain`: clean vs adversarial Grad-CAM of image files, as explain.json and
+    (through `figure(evidence, png_path)`, the CLI's report panel) gradcam.png in `out`."""
+    from histoshield.data.images import read_rgb
+    from histoshield.evaluation.harness import check_attack
+    from histoshield.evaluation.predict import _image_paths, load_model
+    from histoshield.runfolder import claim
+    from histoshield.runtime import environment, pick_device, seed_everything, write_json
+
+    check_attack(attack, [eps], dict(params or {}))
+    paths = _image_paths(list(images), skip_bad=False)
+    if not paths:
+        raise HistoshieldError("no image to explain: pass image files or folders")
+    dev = pick_device(device)
+    model = load_model(checkpoint, dev)
+    if layer is not None:
+        resolve_layer(model, layer)
+    size = model.image_size or 224
+    arr = np.stack([read_rgb(p, size) for p in paths])  # an unreadable file: one line
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+    if out is None:
+        out = Path("runs") / f"explain-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out)
+    with claim(out, "explain", overwrite=overwrite):
+        seed_everything(seed)
+        ev = gradcam_evidence(
+            model,
+            x.to(dev),
+            attack=attack,
+            eps=eps,
+            params=params,
+            seed=seed,
+            layer=layer,
+            names=[str(p) for p in paths],
+        )
+        result = {
+            "checkpoint": str(checkpoint),
+            "model": getattr(model, "name", type(model).__name__),
+            **ev.to_dict(),
+        }
+        if figure is not None:
+            result["panel"] = str(figure(ev, out / "gradcam.png"))
+        write_json(out / "env.json", environment(dev))
+        write_json(out / "explain.json", result)
+    result["out"] = str(out)
+    return result
