@@ -107,7 +107,11 @@ def test_study_writes_report_with_the_papers_tables(tiny_run: Path) -> None:
     assert table_rows(md, "Transfer attacks")[0][:2] == ["original", "gaussian"]
     assert "## Sanity-check warnings" in md and results["sanity"]
     assert "## Methods" in md and "The paper does not report its eps" in md
-    assert page.count('src="data:image/png;base64,') == 5  # figures 4, 5, 6, curves, certified
+    # figures 4, 5, 6, curves, certified and one Grad-CAM panel per model
+    assert page.count('src="data:image/png;base64,') == 7
+    assert "<h2>Grad-CAM evidence (clean vs adversarial)</h2>" in page
+    for name in ("original", "gaussian"):
+        assert (tiny_run / "figures" / f"gradcam_{name}.png").is_file()
 
     # every number in report.md is one stored in results.json
     assert foreign_numbers(md, results) == []
@@ -333,3 +337,44 @@ def test_degenerate_models_are_flagged_at_the_top_of_the_report(tiny_run: Path, 
     top = md.split("## Data and split")[0]
     assert "Robustness numbers NOT meaningful" in top
     assert "Model 'original': the model predicts malignant for 100% of the images" in top
+
+
+def test_gradcam_evidence_is_stored_and_resumes_without_rerunning_stages(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import numpy as np
+
+    r = json.loads((tiny_run / "results.json").read_text())
+    g = r["gradcam"]
+    assert g["eps"] == pytest.approx(2 / 255) and g["attack"] == "pgd:steps=3"
+    assert g["target"] == "malignant" and set(g["models"]) == {"original", "gaussian"}
+    for m in g["models"].values():
+        z = np.load(tiny_run / m["npz"])
+        assert z["cam_clean"].shape == (m["n"], 32, 32) and set(z["labels"].tolist()) == {1}
+        assert m["flipped"] == sum(
+            int(a.argmax() != c.argmax()) for a, c in zip(z["p_adv"], z["p_clean"], strict=True)
+        )
+        assert np.abs(z["adv"] - z["x"]).max() <= 2 / 255 + 1e-6
+    # a study finished before this stage existed: resume adds the panel, reruns nothing else
+    out = tmp_path / "old"
+    shutil.copytree(tiny_run, out, ignore=shutil.ignore_patterns(".histoshield.lock"))
+    state = json.loads((out / "state.json").read_text())
+    state["finished"].remove("gradcam")
+    (out / "state.json").write_text(json.dumps(state))
+    old = {k: v for k, v in r.items() if k != "gradcam"}
+    (out / "results.json").write_text(json.dumps(old))
+    for f in (*out.glob("figures/gradcam_*.png"), *out.glob("examples/gradcam_*.npz")):
+        f.unlink()
+
+    def boom(ctx):
+        raise AssertionError("a finished stage ran again")
+
+    for stage in ("_stage_split", "_stage_train", "_stage_clean", "_stage_table3", "_stage_curves"):
+        monkeypatch.setattr(S, stage, boom)
+    S.run_study(S.load_study_config(_tiny(tmp_path)), out, resume=True, progress=False)
+    again = json.loads((out / "results.json").read_text())
+    assert _stable(again["gradcam"]) == _stable(g)
+    assert (out / "figures" / "gradcam_original.png").is_file()
+    assert "Grad-CAM evidence" in (out / "report.html").read_text()

@@ -2,7 +2,7 @@
 
 split (Table 1) → train original → train gaussian (+ extra defenses) → clean metrics (Table 2) →
 Table 3 (FGSM on malignant test images) → robustness curves → transfer → certification of the
-gaussian model → sanity checks → report.
+gaussian model → sanity checks → Grad-CAM evidence → report.
 
 Each finished stage is recorded atomically in ``state.json`` and its results merged into
 ``results.json``; ``resume=True`` skips finished stages and training stages continue from their
@@ -145,6 +145,7 @@ def build_stages(cfg: StudyConfig) -> list[Stage]:
         stages.append(Stage("certify", _stage_certify))
     if cfg.sanity:
         stages.append(Stage("sanity", _stage_sanity))
+    stages.append(Stage("gradcam", _stage_gradcam))
     stages.append(Stage("report", _stage_report))
     return stages
 
@@ -433,6 +434,7 @@ def stage_keys(stage: str) -> tuple[str, ...]:
         "transfer": (*_CURVE_KEYS, "transfer"),
         "certify": (*_TRAIN_KEYS, "gaussian_sigma", "certify"),
         "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
+        "gradcam": (*_MODELS_KEYS, "curve_attacks", "extra_attacks", "table3_attack", "table3_eps"),
         "report": (),  # reads results only; rebuilt after any accepted change
     }.get(stage, ("*",))  # a stage not listed here: any change may affect it
 
@@ -889,6 +891,48 @@ def _stage_sanity(ctx: Context) -> dict[str, Any]:
         if not c["passed"]:
             ctx.echo(f"warning: {c['model']}/{c['attack']}: {c['detail']}")
     return {"sanity": out}
+
+
+def _stage_gradcam(ctx: Context) -> dict[str, Any]:
+    """Grad-CAM evidence: clean vs adversarial maps of the first few malignant test images per
+    model, under the curves' PGD (else the Table-3 attack) at the Table-3 eps."""
+    from histoshield.evaluation.explain import gradcam_evidence
+    from histoshield.report.explain import N_PANEL
+
+    cfg, d = ctx.cfg, _test_data(ctx)
+    pos = positive_index(d["classes"])
+    idx = torch.nonzero(d["y"] == pos).flatten()[:N_PANEL]
+    if not len(idx):
+        return {}
+    pgd = [s for s in _curve_attacks(cfg) if parse_attack_spec(s)[0] == "pgd"]
+    spec = (pgd or [cfg.table3_attack])[0]
+    attack, params = parse_attack_spec(spec)
+    out: dict[str, Any] = {
+        "attack": spec, "eps": cfg.table3_eps, "eps_255": _eps_255(cfg.table3_eps),
+        "target": d["classes"][pos], "classes": d["classes"], "models": {},
+    }  # fmt: skip
+    names = [Path(d["records"][int(i)].path).name for i in idx]
+    for name in ctx.model_names:
+        ev = gradcam_evidence(
+            _model(ctx, name), d["x"][idx], d["y"][idx], attack=attack, params=params,
+            eps=cfg.table3_eps, seed=cfg.seed, names=names,
+        )  # fmt: skip
+        npz = f"examples/gradcam_{name}.npz"
+        _save_npz(
+            ctx.out / npz, x=ev.x.numpy(), adv=ev.adv.numpy(), cam_clean=ev.cam_clean,
+            cam_adv=ev.cam_adv, p_clean=ev.p_clean.numpy(), p_adv=ev.p_adv.numpy(),
+            labels=ev.labels.numpy(),
+        )  # fmt: skip
+        rows = ev.to_dict()["images"]
+        out["models"][name] = {
+            "layer": ev.layer,
+            "n": len(rows),
+            "flipped": sum(r["flipped"] for r in rows),
+            "cam_mean_abs_change": float(np.mean([r["cam_mean_abs_change"] for r in rows])),
+            "npz": npz,
+            "images": rows,
+        }
+    return {"gradcam": out}
 
 
 def _stage_report(ctx: Context) -> dict[str, Any]:

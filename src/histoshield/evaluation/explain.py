@@ -253,8 +253,9 @@ def gradcam_evidence(
     resolve_layer(model, name)
     classes = list(getattr(model, "classes", None) or range(2))
     device = next(model.parameters()).device
+    x = x.to(device)
     p_clean = predict_proba(model, x, device=device).cpu()
-    targets = y if y is not None else p_clean.argmax(1)
+    targets = (y if y is not None else p_clean.argmax(1)).to(device)
     adv = attacks.run(attack, model, x, targets, eps=eps, seed=seed, **params).detach().cpu()
     p_adv = predict_proba(model, adv, device=device).cpu()
     return Evidence(

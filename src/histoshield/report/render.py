@@ -88,11 +88,48 @@ def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
         out["curves"] = F.robustness_curves(
             results["curves"] + worst, fig_dir / "robustness_curves.png"
         )
+    out.update(_gradcam_figures(run_dir, results))
     if results.get("certified", {}).get("curve"):
         out["certified"] = F.certified_curve(
             results["certified"], fig_dir / "certified_accuracy.png"
         )
     return out
+
+
+def _gradcam_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """One clean-vs-adversarial Grad-CAM panel per model whose maps the study saved."""
+    from histoshield.report.explain import gradcam_panel
+
+    g = results.get("gradcam") or {}
+    out = {}
+    for name, info in g.get("models", {}).items():
+        npz = run_dir / info.get("npz", "")
+        if not npz.is_file():
+            continue
+        z = np.load(npz)
+        title = (
+            f"Grad-CAM for {g.get('target')} of '{name}': clean vs {g.get('attack')} eps = "
+            f"{T.eps_label(g)} (layer {info.get('layer')})"
+        )
+        out[f"gradcam:{name}"] = gradcam_panel(
+            z["x"], z["adv"], z["cam_clean"], z["cam_adv"], z["p_clean"], z["p_adv"],
+            g.get("classes") or ["benign", "malignant"],
+            run_dir / "figures" / f"gradcam_{name}.png",
+            labels=[int(v) for v in z["labels"]], names=[r["image"] for r in info["images"]],
+            title=title,
+        )  # fmt: skip
+    return out
+
+
+def _gradcam_lines(r: dict[str, Any]) -> list[str]:
+    g = r.get("gradcam") or {}
+    return [
+        f"{name}: {g.get('attack')} eps = {T.eps_label(g)} flipped {T.count(m.get('flipped'))} "
+        f"of {T.count(m.get('n'))} {g.get('target')} test images; Grad-CAM for "
+        f"{g.get('target')} at layer {m.get('layer')}, mean absolute map change "
+        f"{T.num(m.get('cam_mean_abs_change'))} (maps scaled to [0, 1] per image)"
+        for name, m in g.get("models", {}).items()
+    ]
 
 
 # ---- content --------------------------------------------------------------------------------
@@ -248,6 +285,14 @@ def report_blocks(r: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> li
             "Adversarial accuracy vs eps per attack, and the worst case over all attacks (the "
             "headline); bands are Wilson 95% CIs.",
         )
+    if r.get("gradcam", {}).get("models"):
+        b += [("h2", "Grad-CAM evidence (clean vs adversarial)"), ("ul", _gradcam_lines(r))]
+        for name in r["gradcam"]["models"]:
+            b += fig(
+                f"gradcam:{name}",
+                f"Grad-CAM of '{name}': each row shows a clean image, its map, the adversarial "
+                "image and its map, with the prediction and the positive-class probability.",
+            )
     if r.get("transfer"):
         b += [("h2", "Transfer attacks"), ("table", T.transfer_table(r))]
     if r.get("certified"):
