@@ -226,6 +226,9 @@ def explain_cmd(
     eps: str = typer.Option("2/255", "--eps", help="Pixel units, e.g. 2/255."),
     seed: int = typer.Option(0, "--seed", help="Seed for the attack's random start."),
     layer: str | None = typer.Option(None, "--layer", help="Module name (default: automatic)."),
+    label: str | None = typer.Option(
+        None, "--label", help="True class of the images (default: attack the prediction)."
+    ),
     out: str | None = typer.Option(None, "--out", help="Folder (default runs/explain-…)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
@@ -245,6 +248,7 @@ def explain_cmd(
         eps=parse_value(eps, "--eps"),
         seed=seed,
         layer=layer,
+        label=label,
         out=out,
         device=device,
         overwrite=overwrite,

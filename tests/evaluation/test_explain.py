@@ -209,11 +209,17 @@ def test_explain_cli_writes_panel_and_json(ckpt, tmp_path, capsys):
         assert r["linf_255"] <= 8 + 1e-3
     assert PIL.Image.open(out / "gradcam.png").size[1] > 3 * 100  # one row per image
     assert (out / "env.json").is_file() and "gradcam.png" in stdout
+    assert res["attacked_labels"] == "clean predictions" and "label" not in res["images"][0]
     code, _, err = run_cli(capsys, "explain", "-c", str(path), *images, "--out", str(out))
     assert code == 2 and "--overwrite" in err  # a finished explain run is not replaced silently
+    args = ["-c", str(path), *images, "--label", "malignant", "--out", str(out), "--overwrite"]
+    assert run_cli(capsys, "explain", *args)[0] == 0
+    res = json.loads((out / "explain.json").read_text())
+    assert res["attacked_labels"] == "true labels"
+    assert {r["label"] for r in res["images"]} == {"malignant"}
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable", "layer", "attack"])
+@pytest.mark.parametrize("case", ["missing", "unreadable", "layer", "attack", "label"])
 def test_explain_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys, case):
     from tests.helpers_cli import run_cli
 
@@ -226,8 +232,10 @@ def test_explain_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys, case):
         args += [images[0], str(tmp_path / "bad.png")]
     elif case == "layer":
         args += [images[0], "--layer", "backbone.nope"]
-    else:
+    elif case == "attack":
         args += [images[0], "--attack", "nosuch"]
+    else:
+        args += [images[0], "--label", "cancer"]
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "ex" / "explain.json").exists()

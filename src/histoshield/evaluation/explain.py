@@ -286,13 +286,18 @@ def explain_images(
     params: dict[str, Any] | None = None,
     seed: int = 0,
     layer: str | None = None,
+    label: str | None = None,
     out: str | Path | None = None,
     device: str = "auto",
     overwrite: bool = False,
     figure: Callable[[Evidence, Path], Any] | None = None,
 ) -> dict[str, Any]:
     """`histoshield explain`: clean vs adversarial Grad-CAM of image files, as explain.json and
-    (through `figure(evidence, png_path)`, the CLI's report panel) gradcam.png in `out`."""
+    (through `figure(evidence, png_path)`, the CLI's report panel) gradcam.png in `out`.
+
+    `label`: the true class of every image (attacked away from it); None attacks each image's
+    clean prediction."""
+    from histoshield.attacks import resolve_class
     from histoshield.data.images import read_rgb
     from histoshield.evaluation.harness import check_attack
     from histoshield.evaluation.predict import _image_paths, load_model
@@ -307,6 +312,9 @@ def explain_images(
     model = load_model(checkpoint, dev)
     if layer is not None:
         resolve_layer(model, layer)
+    y = None
+    if label is not None:
+        y = torch.full((len(paths),), resolve_class(label, model.classes, "--label"), device=dev)
     size = model.image_size or 224
     arr = np.stack([read_rgb(p, size) for p in paths])  # an unreadable file: one line
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
@@ -318,6 +326,7 @@ def explain_images(
         ev = gradcam_evidence(
             model,
             x.to(dev),
+            y,
             attack=attack,
             eps=eps,
             params=params,

@@ -63,9 +63,9 @@ def gradcam_panel(
         linf = float(np.abs(adv[i] - x[i]).max()) * 255
         cells = (
             (x[i], None, ("  ".join(head) + "\n" if head else "") + caption(pc[i], "clean")),
-            (x[i], cc[i], "Grad-CAM (clean)"),
+            (x[i], cc[i], _cam_title(cc[i], "clean", classes[pos])),
             (adv[i], None, caption(pa[i], f"adversarial (L∞ {linf:.1f}/255)")),
-            (adv[i], ca[i], "Grad-CAM (adversarial)"),
+            (adv[i], ca[i], _cam_title(ca[i], "adversarial", classes[pos])),
         )
         for ax, (img, cam, text) in zip(axes[i], cells, strict=True):
             ax.imshow(_img(img), interpolation="nearest")
@@ -77,6 +77,11 @@ def gradcam_panel(
     fig.suptitle(title or f"Grad-CAM for {classes[pos]}: clean vs adversarial", fontsize=11)
     fig.tight_layout()
     return _save(fig, Path(path))
+
+
+def _cam_title(cam: np.ndarray, what: str, positive: str) -> str:
+    # Grad-CAM keeps the positive part only: an all-zero map means no evidence for the class
+    return f"Grad-CAM ({what})" + ("" if float(cam.max()) > 0 else f"\nno {positive} evidence")
 
 
 def evidence_panel(evidence: Any, path: str | Path, *, title: str = "", n: int = N_PANEL) -> Path:
