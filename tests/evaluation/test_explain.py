@@ -239,3 +239,15 @@ def test_explain_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys, case):
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "ex" / "explain.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated
+def test_torchscript_models_are_refused_in_one_line():
+    from tests.helpers_models import tiny_cnn
+
+    x = torch.rand(2, 3, 16, 16)
+    for scripted in (torch.jit.script(tiny_cnn()), torch.jit.trace(tiny_cnn(), x)):
+        for layer in (None, "2"):
+            with pytest.raises(HistoshieldError, match="TorchScript") as e:
+                gradcam(scripted, x, target=1, layer=layer)
+            assert "\n" not in str(e.value)

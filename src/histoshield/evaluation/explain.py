@@ -32,8 +32,20 @@ LAYERS: dict[str, str] = {
 BATCH = 16  # images per Grad-CAM pass: bounds the memory of the kept activations
 
 
+def _no_torchscript(model: nn.Module, module: nn.Module | None = None) -> None:
+    """TorchScript modules take no forward hooks (traced ones ignore them): say so in one line."""
+    if isinstance(module if module is not None else model, torch.jit.ScriptModule) or (
+        module is None and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+    ):
+        raise HistoshieldError(
+            "Grad-CAM cannot hook a TorchScript model (no forward hooks in TorchScript): "
+            "explain the original nn.Module or its ONNX export instead"
+        )
+
+
 def default_layer(model: nn.Module) -> str:
     """The layer Grad-CAM uses when none is given: the model's last conv stage."""
+    _no_torchscript(model)
     modules = dict(model.named_modules())
     name = LAYERS.get(str(getattr(model, "name", "")))
     if name in modules:
@@ -128,6 +140,7 @@ def gradcam(
     x = _check_images(images)
     name = default_layer(model) if layer is None else layer
     module = resolve_layer(model, name)
+    _no_torchscript(model, module)
     t = _target(model, target)
     try:
         device = next(model.parameters()).device
