@@ -251,3 +251,28 @@ def test_torchscript_models_are_refused_in_one_line():
             with pytest.raises(HistoshieldError, match="TorchScript") as e:
                 gradcam(scripted, x, target=1, layer=layer)
             assert "\n" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_an_onnx_export_converted_by_onnx2torch_gives_the_same_maps():
+    import inspect
+    import io
+
+    onnx = pytest.importorskip("onnx")
+    onnx2torch = pytest.importorskip("onnx2torch")
+    from tests.helpers_models import tiny_cnn
+
+    model, x = tiny_cnn(), torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    legacy = (
+        {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    )
+    torch.onnx.export(
+        model, x[:1], buf, input_names=["x"], dynamic_axes={"x": {0: "n"}}, opset_version=13,
+        **legacy,
+    )  # fmt: skip
+    graph = onnx2torch.convert(onnx.load_from_string(buf.getvalue()))
+    assert default_layer(graph) == "2/Conv"  # the last Conv2d, as in the original's "2"
+    want = gradcam(model, x, target=1, layer="2")
+    assert want.max() > 0
+    np.testing.assert_allclose(gradcam(graph, x, target=1), want, atol=1e-5)
