@@ -187,6 +187,10 @@ def test_cli_audit_writes_a_run_folder_and_resumes(ckpt, tmp_path, capsys, monke
     assert full["data"]["source"] == str(ckpt / "split.csv") and full["data"]["subset"] == "test"
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Robustness card" in html and "worst case" in html
+    g = full["gradcam"]  # a figure, or a note saying why there is none
+    assert (g["figure"] is not None) == (out / "figures" / "gradcam.png").is_file()
+    assert g["figure"] is not None or g["note"]
+    assert "Grad-CAM evidence" in html
     # a finished audit is not replaced silently
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
@@ -273,3 +277,13 @@ def test_done_when_exported_cards_audit_like_the_checkpoint(tmp_path, capsys, mo
     assert got["checkpoint"]["robust_acc"] < got["checkpoint"]["clean_acc"]  # attacks bite
     assert _numbers(got["onnx"]) == _numbers(got["checkpoint"])
     assert _numbers(got["torchscript"]) == _numbers(got["checkpoint"])
+    # Grad-CAM evidence: drawn for the checkpoint and the ONNX model (same maps' inputs); a
+    # TorchScript model takes no hooks, which the card says instead of failing the audit
+    for name in ("checkpoint", "onnx"):
+        assert got[name]["gradcam"]["figure"] == "figures/gradcam.png"
+        assert (tmp_path / f"audit-{name}" / "figures" / "gradcam.png").is_file()
+    assert got["onnx"]["gradcam"]["adversarial_predictions"] == (
+        got["checkpoint"]["gradcam"]["adversarial_predictions"]
+    )
+    assert got["torchscript"]["gradcam"]["figure"] is None
+    assert "TorchScript" in got["torchscript"]["gradcam"]["note"]

@@ -350,8 +350,10 @@ def make_card(
     seed: int,
     source: str | None = None,
     env: dict[str, Any] | None = None,
+    gradcam: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The robustness card (card.json) from `run_audit`'s measurements."""
+    """The robustness card (card.json) from `run_audit`'s measurements (`gradcam`: what
+    `gradcam_section` drew, or None)."""
     from histoshield.runtime import environment
 
     b: Budget = m["budget"]
@@ -427,6 +429,7 @@ def make_card(
         "certified": m["certified"],
         "sanity": m["sanity"],
         "degenerate": m["degenerate"],
+        "gradcam": gradcam,
         "number_forward_passes": 8 if getattr(model, "tta", False) else 1,
         "attack_forward_passes": m["forward_passes"],
         "attack_backward_passes": m["backward_passes"],
@@ -665,17 +668,77 @@ def _audit_run(model, model_path, *, data, split, subset, budget, out, seed, cer
                   state=state, save=lambda s: write_json(state_file, s), echo=echo)  # fmt: skip
     data_info = {"source": ev.source, "subset": ev.subset,
                  **_data_counts(ev.y, ev.classes, [r.patient for r in ev.records])}  # fmt: skip
-    card = make_card(m, ev.model, data=data_info, seed=seed, source=str(model_path), env=env)
+    layer = ((getattr(ev.model, "meta", None) or {}).get("card") or {}).get("gradcam_layer")
+    explained = gradcam_section(
+        ev.model, ev.x.to(device), ev.y, ev.classes, eps=m["budget"].headline, seed=seed,
+        layer=layer, out=out,
+    )  # fmt: skip
+    card = make_card(m, ev.model, data=data_info, seed=seed, source=str(model_path), env=env,
+                     gradcam=explained)  # fmt: skip
     results = {"degenerate": m["degenerate"], "results": m["results"],
                "worst_case": m["worst_case"], "sanity": m["sanity"],
                "certified": m["certified"]}  # fmt: skip
     write_json(out / "results.json", results)
     write_json(out / "card.json", card)
-    # GRAD-CAM HOOK: the clean-vs-adversarial Grad-CAM panel of a few malignant images joins
-    # the report here once histoshield.evaluation.explain is merged (see docs/audit.md).
     build_audit_report(out)
     write_json(out / "env.json", {**env, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return {"out": str(out), "card": card}
+
+
+GRADCAM_IMAGES = 4
+GRADCAM_ATTACK = ("pgd", {"steps": 10})
+
+
+def gradcam_section(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: Sequence[str],
+    *,
+    eps: float,
+    seed: int,
+    layer: str | None,
+    out: Path,
+) -> dict[str, Any]:
+    """Clean vs adversarial Grad-CAM (PGD-10 at the headline eps) of the first few correctly
+    classified positive-class images, drawn to out/figures/gradcam.png. A model Grad-CAM cannot
+    explain (e.g. TorchScript: no hooks) gets a note instead: the audit's numbers stand."""
+    from histoshield.data.records import positive_index
+    from histoshield.evaluation.explain import gradcam_evidence
+    from histoshield.evaluation.predict import predict_proba
+    from histoshield.report.explain import evidence_panel
+
+    classes = list(classes)
+    pos = positive_index(classes)
+    y = torch.as_tensor(y).long().cpu()
+    pred = predict_proba(model, x).argmax(1)
+    idx = ((y == pos) & (pred == y)).nonzero()[:, 0][:GRADCAM_IMAGES]
+    attack, params = GRADCAM_ATTACK
+    info: dict[str, Any] = {
+        "figure": None,
+        "layer": layer,
+        "attack": f"{attack}:steps={params['steps']}",
+        "eps": eps,
+        "n": len(idx),
+        "target": classes[pos],
+        "note": None,
+    }
+    if len(idx) == 0:
+        return {**info, "note": f"no correctly classified {classes[pos]} image to explain"}
+    try:
+        ev = gradcam_evidence(model, x[idx.to(x.device)], y[idx].to(x.device), attack=attack,
+                              eps=eps, params=dict(params), seed=seed, layer=layer)  # fmt: skip
+    except HistoshieldError as e:
+        return {**info, "note": f"no Grad-CAM: {e}"}
+    evidence_panel(ev, out / "figures" / "gradcam.png")
+    return {
+        **info,
+        "figure": "figures/gradcam.png",
+        "layer": ev.layer,
+        "target": ev.classes[ev.target],
+        "clean_predictions": [ev.classes[int(k)] for k in ev.p_clean.argmax(1)],
+        "adversarial_predictions": [ev.classes[int(k)] for k in ev.p_adv.argmax(1)],
+    }
 
 
 def format_card(card: dict[str, Any]) -> str:

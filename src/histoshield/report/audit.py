@@ -136,8 +136,16 @@ def audit_blocks(c: dict[str, Any], figs: dict[str, Path]) -> list[Block]:
         b.append(("table", certified_table(c)))
         if "certified" in figs:
             b.append(("fig", figs["certified"], "Certified accuracy vs L2 radius."))
+    g = c.get("gradcam") or {}
     if "gradcam" in figs:
-        b.append(("fig", figs["gradcam"], "Grad-CAM on clean vs adversarial malignant images."))
+        b.append(("h2", "Grad-CAM evidence"))
+        b.append(("fig", figs["gradcam"],
+                  f"Grad-CAM for {g.get('target')} (layer {g.get('layer')}) on the first "
+                  f"{T.count(g.get('n'))} correctly classified {g.get('target')} images, clean "
+                  f"vs {g.get('attack')} at eps = {T.num((g.get('eps') or 0) * 255, 0)}/255, with "
+                  "predicted class and probability."))  # fmt: skip
+    elif g.get("note"):
+        b += [("h2", "Grad-CAM evidence"), ("ul", [g["note"]])]
     b.append(("h2", "Self-checks"))
     checks = [f"{s['attack']}: {'ok' if s['passed'] else 'FAILED'} — {s['detail']}"
               for s in c["sanity"]]  # fmt: skip
