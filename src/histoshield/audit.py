@@ -198,7 +198,8 @@ def run_audit(
     (optionally) certification on (x, y): the measurements of a robustness card.
 
     `state` holds finished runs (from state.json) and is updated in place; `save(state)` is
-    called after each run, so an interrupted audit resumes where it stopped.
+    called after each run, so an interrupted audit resumes where it stopped (pass counts and
+    seconds then add up over the processes).
     """
     from histoshield.data.records import positive_index
     from histoshield.evaluation.harness import run_attacks
@@ -211,7 +212,13 @@ def run_audit(
     state = state if state is not None else {}
     done = state.setdefault("runs", {})
     say = echo or (lambda s: None)
-    t0 = time.perf_counter()
+    t0, spent = time.perf_counter(), float(state.get("seconds", 0.0))  # earlier processes' time
+
+    def keep() -> None:
+        state["seconds"] = round(spent + time.perf_counter() - t0, 3)
+        if save is not None:
+            save(state)
+
     with PassCounter(model) as counter:
         prob = predict_proba(model, x, batch_size=batch_size, device=device)
         pred = prob.argmax(1)
@@ -233,8 +240,7 @@ def run_audit(
                 **_delta(counter, before),
             }
             before = counter.snapshot()
-            if save is not None:
-                save(state)
+            keep()
         outcomes = [_outcome_of(r, done[run_key(r)]) for r in runs]
         rows = [{**done[run_key(r)]["row"], **_passes(done[run_key(r)])} for r in runs]
         worst = [w.to_dict() for w in worst_case(outcomes, y, classes)]
@@ -242,16 +248,14 @@ def run_audit(
             before = counter.snapshot()
             state["sanity"] = _checks(model, x, y, rows, b, classes, batch_size, seed)
             state["sanity_passes"] = _delta(counter, before)
-            if save is not None:
-                save(state)
+            keep()
         certified = None
         if certify:
             if "certified" not in state:
                 before = counter.snapshot()
                 state["certified"] = _certify(model, x, y, b, seed, device, progress)
                 state["certify_passes"] = _delta(counter, before)
-                if save is not None:
-                    save(state)
+                keep()
             certified = state["certified"]
     # totals over every phase, also those a resumed audit finished in an earlier process
     phases = [
@@ -272,7 +276,7 @@ def run_audit(
         "sanity": state["sanity"],
         "certified": certified,
         **total,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(spent + time.perf_counter() - t0, 3),
         "resumed": len(todo) < len(runs),
     }
 
