@@ -155,19 +155,22 @@ def gradcam(
                 xb = x[i : i + BATCH].detach().to(device).float().clone().requires_grad_(True)
                 try:
                     m = cam(input_tensor=xb, targets=[ClassifierOutputTarget(t)] * len(xb))
-                except (IndexError, ValueError, TypeError, AttributeError) as e:
-                    _explain_failure(name, hooks, e)
+                except (IndexError, ValueError, TypeError, AttributeError):
+                    _explain_failure(name, hooks)
                     raise
                 maps.append(m)
         finally:
             hooks.release()
     out = np.concatenate(maps).astype(np.float32)
     if not np.isfinite(out).all():
-        raise HistoshieldError(f"Grad-CAM at layer {name} is not finite: the model's gradients are")
+        raise HistoshieldError(
+            f"Grad-CAM at layer {name} gave NaN or inf (the model's activations or gradients "
+            "overflow)"
+        )
     return np.clip(out, 0.0, 1.0)
 
 
-def _explain_failure(layer: str, hooks: object, error: Exception) -> None:
+def _explain_failure(layer: str, hooks: object) -> None:
     """Turn what pytorch-grad-cam trips on for a wrong layer into one line; else let it raise."""
     acts = getattr(hooks, "activations", [])
     grads = getattr(hooks, "gradients", [])
