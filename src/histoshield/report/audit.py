@@ -157,16 +157,17 @@ def audit_blocks(c: dict[str, Any], figs: dict[str, Path]) -> list[Block]:
 
 def build_audit_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Draw the figures and write report.md and report.html of an audit folder."""
-    from histoshield.report.figures import certified_curve, robustness_curves
+    from histoshield.report.attack import plot_curves
+    from histoshield.report.figures import certified_curve
 
     run_dir = Path(run_dir)
     c = load_card_json(run_dir)
     figs: dict[str, Path] = {}
-    curves = [{**a, "model": c["name"]} for a in c["attacks"] if a["attack"] in
-              c["budget"]["attacks"]]  # fmt: skip
-    curves += [{**w, "model": c["name"], "attack": "worst case"} for w in c["worst_case"]]
-    if curves:
-        figs["curves"] = robustness_curves(curves, run_dir / "figures" / "robustness.png")
+    curves = [a for a in c["attacks"] if a["attack"] in c["budget"]["attacks"]]
+    curves += [{**w, "attack": "worst case"} for w in c["worst_case"]]
+    if curves:  # one colour per attack (plot_curves), the worst case last
+        figs["curves"] = plot_curves(curves, run_dir / "figures" / "robustness.png",
+                                     title=f"{c['name']}: accuracy under attack")  # fmt: skip
     if c.get("certified", {}) and c["certified"].get("curve"):
         figs["certified"] = certified_curve(c["certified"], run_dir / "figures" / "certified.png")
     gradcam = run_dir / "figures" / "gradcam.png"
