@@ -432,6 +432,55 @@ def certify_cmd(
         typer.echo(format_certify(res))
 
 
+# ---- audit / export -----------------------------------------------------------------------
+
+
+@app.command("audit")
+def audit_cmd(
+    model: str = typer.Argument(..., help="Model card (.yaml) or a histoshield best.pt."),
+    data: str | None = typer.Option(None, "--data", help="Data set or split CSV."),
+    split: str | None = typer.Option(None, "--split", help="split.csv (default: beside MODEL)."),
+    subset: str = typer.Option("test", "--subset", help="train | val | test | all."),
+    budget: str = typer.Option("quick", "--budget", help="quick | standard | thorough."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/audit-…)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random starts, Square and noise."),
+    certify: bool = typer.Option(
+        False, "--certify", help="Add randomized-smoothing certification."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="Audit at most N images."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per attack batch."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted audit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """How robust is this model: clean metrics, attack curves, Square, self-checks, card.json."""
+    from histoshield.audit import audit_path, format_card
+
+    res = audit_path(
+        model, data=data, split=split, subset=subset, budget=budget, out=out, seed=seed,
+        certify=certify, limit=limit, batch_size=batch_size, skip_bad=skip_bad, device=device,
+        resume=resume, overwrite=overwrite, progress=not quiet,
+        echo=None if quiet else typer.echo,
+    )  # fmt: skip
+    typer.echo(format_card(res["card"]))
+    typer.echo(f"card: {res['out']}/card.json  report: {res['out']}/report.html")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt."),
+    fmt: str = typer.Option(..., "--format", help="onnx | torchscript."),
+    out: str = typer.Option(..., "--out", help="File to write; its card goes to OUT.yaml."),
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript, with a model card for `histoshield audit`."""
+    from histoshield.models.export import export_checkpoint
+
+    path, card = export_checkpoint(checkpoint, fmt, out)
+    typer.echo(f"wrote {path} and its model card {card}")
+
+
 # ---- study --------------------------------------------------------------------------------
 
 

@@ -179,8 +179,12 @@ def load_eval_data(
     progress: bool = False,
     classes: list[str] | str | None = None,
     allow_patient_leak: bool = False,
+    model: nn.Module | None = None,
 ) -> EvalData:
     """Model, images and labels for evaluating a checkpoint on a subset of its data.
+
+    `model`, when given, is used instead of loading `checkpoint` (e.g. a model card's model;
+    `checkpoint` then only locates a split.csv beside it).
 
     `only` keeps one class, `exclude` drops one (e.g. an attack's target class), `limit` keeps
     the first N after that; only the kept images are decoded (at the model's input size, 224
@@ -192,7 +196,7 @@ def load_eval_data(
     if limit is not None and limit < 1:
         raise HistoshieldError(f"--limit must be >= 1, got {limit}")
     dev = pick_device(device) if isinstance(device, str) else device
-    model = load_model(checkpoint, dev)
+    model = load_model(checkpoint, dev) if model is None else model.to(dev).eval()
     model_classes = list(model.classes)
     config = (getattr(model, "meta", None) or {}).get("config") or {}
     records, used, source = load_records(

@@ -6,6 +6,7 @@
 ['smallcnn', 'densenet121', 'efficientnet_lite0', 'resnet18', 'resnet50', 'timm:<name>']
 """
 
+from histoshield.models.card import ModelCard, from_card, load_model_or_card
 from histoshield.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from histoshield.models.ensemble import Ensemble, load_ensemble
 from histoshield.models.registry import WEIGHTS, available, create
@@ -16,11 +17,14 @@ __all__ = [
     "Ensemble",
     "WEIGHTS",
     "HistoModel",
+    "ModelCard",
     "StainNorm",
     "available",
     "create",
+    "from_card",
     "load_checkpoint",
     "load_ensemble",
+    "load_model_or_card",
     "read_checkpoint",
     "save_checkpoint",
 ]
