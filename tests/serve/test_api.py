@@ -183,8 +183,8 @@ def test_cancel_a_running_attack_and_queue_full_is_429(make_app, example_png):
     from fastapi.testclient import TestClient
 
     with TestClient(make_app(max_jobs=1)) as c:
-        # PGD never stops early: 2 restarts x 100 steps x 4 EOT samples = 800 passes
-        slow = {"attack": "pgd:restarts=2,eot=4", "eps": "8/255", "steps": "100",
+        # early stopping off: 2 restarts x 100 steps x 4 EOT samples = 800 passes
+        slow = {"attack": "pgd:restarts=2,eot=4,early_stop=false", "eps": "8/255", "steps": "100",
                 "wait": "false"}  # fmt: skip
         job = c.post("/api/v1/attack", files=_file(example_png), data=slow).json()
         busy = c.post("/api/v1/attack", files=_file(example_png), data=slow)

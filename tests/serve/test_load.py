@@ -48,7 +48,7 @@ def test_predict_and_attack_load(make_app, client):
         assert good == 200
 
         # 8 slow attacks at once against a queue of 2: the rest are refused at once, cleanly
-        slow = {"attack": "pgd:restarts=2", "eps": "8/255", "steps": "100"}  # no early stop
+        slow = {"attack": "pgd:restarts=2,early_stop=false", "eps": "8/255", "steps": "100"}
 
         def attack(_: int) -> httpx.Response:
             return http.post("/api/v1/attack", files=files, data=slow)
