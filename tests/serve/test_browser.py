@@ -107,7 +107,8 @@ def test_example_then_certify_and_a_bad_upload_message(server, browser, tmp_path
     assert "certified L2 radius" in page.inner_text("#cert-result")
     # a job waiting behind a long one shows its state and can be cancelled from the page
     png = httpx.get(server + "/api/v1/examples/0.png").content
-    long = {"attack": "pgd:restarts=2,eot=4,early_stop=false", "eps": "8/255", "steps": "100", "wait": "false"}
+    long = {"attack": "pgd:restarts=2,eot=4,early_stop=false", "eps": "8/255", "steps": "100",
+            "wait": "false"}  # fmt: skip
     blocker = httpx.post(server + "/api/v1/attack", files={"file": ("t.png", png)}, data=long)
     assert blocker.status_code == 202
     page.select_option("#attack", "fgsm")
