@@ -66,7 +66,8 @@ def test_predict_and_attack_load(make_app, client):
             if r.status_code == 200:
                 body = r.json()
                 assert body["attack"]["name"] == "pgd"
-                assert body["attack"]["params"] == {"restarts": 2, "steps": 100, "early_stop": False}
+                want = {"restarts": 2, "steps": 100, "early_stop": False}
+                assert body["attack"]["params"] == want
                 assert body["perturbation"]["linf_255"] <= 8
                 assert len(body["adversarial"]) == 2
         health = http.get("/health").json()
