@@ -213,6 +213,7 @@ def attack_rows(
             "clean_correct": r["clean_correct"],
             "adv_correct": r["adv_correct"],
             "adversarial_accuracy": r["adversarial_accuracy"],
+            "balanced_adversarial_accuracy": r.get("balanced_adversarial_accuracy"),
         }
 
     rows, outcomes = [], []
@@ -261,7 +262,13 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
     if (run / "results.json").is_file() and (run / "best.pt").is_file():
         res = _read_json(run / "results.json")
     else:
-        res = train(fcfg, run, resume=(run / "last.pt").is_file(), progress=ctx["progress"])
+        defense = None
+        if fcfg.defense:  # as `histoshield train` does: the train config's defense is trained
+            from histoshield.defenses import create as create_defense
+
+            defense = create_defense(fcfg.defense)
+        res = train(fcfg, run, resume=(run / "last.pt").is_file(), defense=defense,
+                    progress=ctx["progress"])  # fmt: skip
     t_train = time.perf_counter() - t0
     device = ctx["device"]
     model = models.load_checkpoint(run / "best.pt").to(device)

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from histoshield.errors import HistoshieldError
-from histoshield.evaluation.harness import AttackRun, check_attack, run_attacks, select, worst_case
+from histoshield.evaluation.harness import (
+    AttackRun,
+    budget_label,
+    check_attack,
+    run_attacks,
+    select,
+    worst_case,
+)
 
 __all__ = [
     "attack_checkpoint",
@@ -98,7 +105,8 @@ def examples_of(outcomes: Sequence, x: torch.Tensor, y: torch.Tensor, classes, n
         out.append(
             {
                 "eps": o.row.eps,
-                "title": f"{o.row.name}, eps = {o.row.eps * 255:g}/255",
+                "title": f"{o.row.name}, eps = {budget_label(o.row.eps, o.row.norm)}",
+                "norm": o.row.norm,
                 "x": x[:n].cpu(),
                 "adv": o.adv[:n].cpu(),
                 "p_clean": o.p_clean[:n],
@@ -347,7 +355,7 @@ def format_rows(
 
     cols = [
         ("attack", 18, lambda r: r["attack"]),
-        ("eps/255", 8, lambda r: f(r["eps"], ".2f", 255)),
+        ("eps", 10, lambda r: budget_label(r["eps"], r.get("norm"))),
         ("n", 5, lambda r: str(r["n"])),
         ("clean", 7, lambda r: f"{r['clean_correct']}/{r['n']}"),
         ("adv", 7, lambda r: f"{r['adv_correct']}/{r['n']}"),
