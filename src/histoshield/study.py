@@ -27,6 +27,7 @@ from histoshield.config import StudyConfig, TrainConfig, dump_config, load_confi
 from histoshield.data.records import positive_index
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.harness import (
+    STAIN,
     AttackRun,
     Outcome,
     parse_attack_spec,
@@ -139,6 +140,8 @@ def build_stages(cfg: StudyConfig) -> list[Stage]:
         Stage("table3", _stage_table3),
         Stage("curves", _stage_curves),
     ]
+    if cfg.stain_attacks:
+        stages.append(Stage("stain", _stage_stain))
     if cfg.transfer:
         stages.append(Stage("transfer", _stage_transfer))
     if cfg.certify.enabled:
@@ -382,12 +385,18 @@ def check_study_config(cfg: StudyConfig) -> None:
     attack_specs = [("table3_attack", cfg.table3_attack)]
     attack_specs += [("curve_attacks", s) for s in cfg.curve_attacks]
     attack_specs += [("extra_attacks", s) for s in cfg.extra_attacks]
-    for key, spec in attack_specs:
+    stain_specs = [("stain_attacks", s) for s in cfg.stain_attacks]
+    for key, spec in attack_specs + stain_specs:
         try:
             name, params = parse_attack_spec(spec)
             if "eps" in params:
                 raise HistoshieldError("eps comes from curve_eps / table3_eps: remove eps=")
-            check_attack(name, [eps], params, batch_size=cfg.batch_size)
+            budgets = cfg.stain_eps if key == "stain_attacks" else [eps]
+            atk = check_attack(name, budgets, params, batch_size=cfg.batch_size)
+            if (atk.norm == STAIN) != (key == "stain_attacks"):
+                where = "curve_attacks/extra_attacks" if key == "stain_attacks" else "stain_attacks"
+                raise HistoshieldError(f"{name!r} belongs in {where}: stain budgets and pixel "
+                                       "eps are different axes")  # fmt: skip
         except HistoshieldError as e:
             raise HistoshieldError(f"{key} {spec!r} in the study config: {e}") from None
     checks = [("gaussian_sigma", gaussian_spec(cfg), defenses.create)]
@@ -433,6 +442,7 @@ def stage_keys(stage: str) -> tuple[str, ...]:
         "transfer": (*_CURVE_KEYS, "transfer"),
         "certify": (*_TRAIN_KEYS, "gaussian_sigma", "certify"),
         "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
+        "stain": (*_MODELS_KEYS, "stain_attacks", "stain_eps", "sanity", "sanity_limit"),
         "report": (),  # reads results only; rebuilt after any accepted change
     }.get(stage, ("*",))  # a stage not listed here: any change may affect it
 
@@ -802,6 +812,39 @@ def _stage_curves(ctx: Context) -> dict[str, Any]:
         "worst_case": worst,
         "curve_eps_255": [_eps_255(e) for e in cfg.curve_eps],
     }
+
+
+def _stage_stain(ctx: Context) -> dict[str, Any]:
+    """Stain-space attacks (docs/stain.md) at every stain budget on every model, the per-image
+    worst case over them, and their self-checks (monotone in budget; optimised ≤ random)."""
+    from histoshield.evaluation.sanity import run_checks
+
+    cfg = ctx.cfg
+    d = _test_data(ctx)
+    x, y = d["x"], d["y"]
+    runs = [r for spec in cfg.stain_attacks for r in runs_for(spec, cfg.stain_eps)]
+    rows, worst, checks = [], [], []
+    for name in ctx.model_names:
+        model = _model(ctx, name)
+        outcomes = list(_harness(ctx, model, x, y, runs))
+        mine = [{"model": name, **o.row.to_dict()} for o in outcomes]
+        rows += mine
+        worst += [{"model": name, **w.to_dict()} for w in worst_case(outcomes, y, d["classes"])]
+        if not cfg.sanity or len(cfg.stain_eps) < 2:
+            continue
+        xs, ys = _evenly(x, y, cfg.sanity_limit)
+        for spec in cfg.stain_attacks:
+            attack, params = parse_attack_spec(spec)
+            found = run_checks(
+                model, xs, ys, [r for r in mine if r["attack"] == spec], attack=attack,
+                params=params, classes=d["classes"], batch_size=cfg.batch_size, seed=cfg.seed,
+            )  # fmt: skip
+            checks += [{"model": name, "attack": spec, **c} for c in found]
+    for c in checks:
+        if not c["passed"]:
+            ctx.echo(f"warning: {c['model']}/{c['attack']}: {c['detail']}")
+    return {"stain": {"eps": list(cfg.stain_eps), "rows": rows, "worst_case": worst,
+                      "sanity": checks}}  # fmt: skip
 
 
 def _stage_transfer(ctx: Context) -> dict[str, Any]:

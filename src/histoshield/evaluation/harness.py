@@ -207,9 +207,10 @@ def check_attack(
     batch_size: int = 32,
     model: nn.Module | None = None,
     **kwargs: Any,
-) -> None:
+) -> Any:
     """Fail fast, before any image is decoded or attacked, on a bad attack name, parameter,
-    eps or batch size (a stand-in model when the real one is not loaded yet)."""
+    eps or batch size (a stand-in model when the real one is not loaded yet); returns the
+    attack object built at the first eps."""
     from histoshield.attacks import create
     from histoshield.attacks.base import check_steps
 
@@ -227,6 +228,7 @@ def check_attack(
             f"eps {big[0]:g} is above 1 for the L∞ attack {attack!r}: eps is in pixel units "
             f"[0, 1]; did you mean {big[0]:g}/255?"
         )
+    return atk
 
 
 def select(

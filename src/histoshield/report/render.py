@@ -88,6 +88,12 @@ def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
         out["curves"] = F.robustness_curves(
             results["curves"] + worst, fig_dir / "robustness_curves.png"
         )
+    stain = results.get("stain") or {}
+    if stain.get("rows"):
+        worst = [{**w, "attack": "worst case"} for w in stain.get("worst_case", [])]
+        out["stain"] = F.robustness_curves(
+            stain["rows"] + worst, fig_dir / "stain_curves.png", stain=True
+        )
     if results.get("certified", {}).get("curve"):
         out["certified"] = F.certified_curve(
             results["certified"], fig_dir / "certified_accuracy.png"
@@ -247,6 +253,13 @@ def report_blocks(r: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> li
             "curves",
             "Adversarial accuracy vs eps per attack, and the worst case over all attacks (the "
             "headline); bands are Wilson 95% CIs.",
+        )
+    if (r.get("stain") or {}).get("rows"):
+        b += [("h2", "Stain-space attacks (another lab's stain)"), ("table", T.stain_table(r))]
+        b += fig(
+            "stain",
+            "Accuracy vs stain budget per attack, and the worst case over the stain attacks; "
+            "bands are Wilson 95% CIs (docs/stain.md shows what each budget looks like).",
         )
     if r.get("transfer"):
         b += [("h2", "Transfer attacks"), ("table", T.transfer_table(r))]
