@@ -240,7 +240,9 @@ class StudyConfig(Strict):
     extra_defenses: list[str] = Field(default_factory=list)
     # Stain-space attacks (docs/stain.md) over stain budgets (a = b = eps, not pixel units);
     # an empty list skips the study's stain stage.
-    stain_attacks: list[str] = Field(default_factory=lambda: ["hed:steps=10", "hed-random:steps=10"])
+    stain_attacks: list[str] = Field(
+        default_factory=lambda: ["hed:steps=10", "hed-random:steps=10"]
+    )
     stain_eps: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2])
     transfer: bool = True
     certify: CertifyConfig = Field(default_factory=CertifyConfig)

@@ -439,8 +439,8 @@ def stain_table(results: dict[str, Any]) -> Table:
     for r in rows_in:
         cell = f"{pct(r.get('adversarial_accuracy'))} {ci(r.get('adversarial_accuracy_ci'))}"
         bal = r.get("balanced_adversarial_accuracy")
-        grid.setdefault((r["model"], r["attack"]), {})[float(r["eps"])] = (
-            cell + ("" if bal is None else f" (bal. {pct(bal)})")
+        grid.setdefault((r["model"], r["attack"]), {})[float(r["eps"])] = cell + (
+            "" if bal is None else f" (bal. {pct(bal)})"
         )
     rows = [[m, a, *[c.get(e, "—") for e in eps_sorted]] for (m, a), c in grid.items()]
     n = {r.get("n") for r in rows_in}
