@@ -21,7 +21,8 @@ def main() -> None:
     ap.add_argument("--tile", required=True)
     ap.add_argument("--eps", type=float, default=0.2)
     ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--out", default=str(Path(__file__).parents[1] / "docs/figures/stain_corners.png"))
+    default_out = Path(__file__).parents[1] / "docs" / "figures" / "stain_corners.png"
+    ap.add_argument("--out", default=str(default_out))
     args = ap.parse_args()
     img = Image.open(args.tile).convert("RGB").resize((args.size, args.size))
     tile = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
