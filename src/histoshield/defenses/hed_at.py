@@ -40,6 +40,21 @@ BUDGET = Param(float, 0.2, _budget, "in [0, 1] (0.2 = ±20% stain, REET's defaul
 STEPS = Param(int, 5, positive, ">= 1")
 
 
+def hed_examples(
+    defense: TrainingDefense, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+    scale: float, steps: int,
+) -> torch.Tensor:  # fmt: skip
+    """The `hed` attack's examples at `scale` × the defense's budget (a, b)."""
+    from histoshield import attacks
+
+    a, b = float(defense.params["a"]) * scale, float(defense.params["b"]) * scale
+    if a == 0 and b == 0:  # a warm-up epoch at budget 0 trains on clean images
+        return x.detach()
+    return attacks.run(
+        "hed", model, x, y, eps=max(a, b), a=a, b=b, steps=steps, seed=defense._attack_seed()
+    ).detach()
+
+
 class HEDAdversarialTraining(TrainingDefense):
     """Train on adversarial HED stain changes (the `hed` attack) of every batch."""
 
@@ -52,26 +67,15 @@ class HEDAdversarialTraining(TrainingDefense):
         """This epoch's stain budget a (metrics.csv's train_eps column)."""
         return float(self.params["a"]) * self.eps_scale
 
-    def _hed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, scale: float,
-             steps: int) -> torch.Tensor:  # fmt: skip
-        from histoshield import attacks
-
-        a, b = float(self.params["a"]) * scale, float(self.params["b"]) * scale
-        if a == 0 and b == 0:  # a warm-up epoch at budget 0 trains on clean images
-            return x.detach()
-        return attacks.run(
-            "hed", model, x, y, eps=max(a, b), a=a, b=b, steps=steps, seed=self._attack_seed()
-        ).detach()
-
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """Cross-entropy on the batch's adversarial stain examples (their logits returned)."""
-        x_adv = self._hed(model, x, y, scale=self.eps_scale, steps=self.params["steps"])
+        x_adv = hed_examples(self, model, x, y, scale=self.eps_scale, steps=self.params["steps"])
         logits = model(x_adv)
         return self._ce(logits, y), logits
 
     def perturb_val(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Validation inputs: the hed attack at the full budget."""
-        return self._hed(model, x, y, scale=1.0, steps=VAL_STEPS)
+        return hed_examples(self, model, x, y, scale=1.0, steps=VAL_STEPS)
 
 
 class PGDHEDTraining(MultiStepDefense):
@@ -87,11 +91,10 @@ class PGDHEDTraining(MultiStepDefense):
         "seed": SEED,
         "warmup": WARMUP,
     }
-    _hed = HEDAdversarialTraining._hed
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """Cross-entropy on PGD examples around the adversarial stain examples."""
-        x_hed = self._hed(model, x, y, scale=self.eps_scale, steps=self.params["steps"])
+        x_hed = hed_examples(self, model, x, y, scale=self.eps_scale, steps=self.params["steps"])
         x_adv = self._train_pgd(model, x_hed, y, steps=self.params["steps"])
         logits = model(x_adv)
         return self._ce(logits, y), logits
@@ -99,5 +102,5 @@ class PGDHEDTraining(MultiStepDefense):
     def perturb_val(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Validation inputs: PGD-10 at full eps around the full-budget hed example."""
         eps = float(self.params["eps"])
-        x_hed = self._hed(model, x, y, scale=1.0, steps=VAL_STEPS)
+        x_hed = hed_examples(self, model, x, y, scale=1.0, steps=VAL_STEPS)
         return self._pgd(model, x_hed, y, eps=eps, steps=VAL_STEPS, alpha=pgd_alpha(eps, VAL_STEPS))
