@@ -83,7 +83,7 @@ def test_parameter_gradient_matches_finite_differences(colour_task, name) -> Non
     g = torch.Generator().manual_seed(3)
     u = torch.rand(4, len(lo), generator=g, dtype=torch.float64)
     theta = lo + (hi - lo) * (0.1 + 0.8 * u)  # inside the box, away from the clamp
-    grad = atk.theta_grad(x, theta, y, None)
+    grad, loss = atk.theta_grad(x, theta, y, None)
 
     def f(th: torch.Tensor) -> float:
         with torch.no_grad():
@@ -97,6 +97,7 @@ def test_parameter_gradient_matches_finite_differences(colour_task, name) -> Non
             e[i, j] = h
             fd[i, j] = (f(theta + e) - f(theta - e)) / (2 * h)
     assert float(grad.abs().max()) > 1e-3  # a real gradient, not two zeros agreeing
+    assert float(loss.sum()) == pytest.approx(f(theta))
     torch.testing.assert_close(grad, fd, atol=1e-5, rtol=1e-4)
 
 
@@ -198,7 +199,11 @@ def test_optimised_vs_random_check_fails_when_random_search_wins(colour_task, mo
 
     model, x, y = colour_task
     # a "gradient" that points the wrong way: the optimiser walks to the most benign stain
-    monkeypatch.setattr(HED, "theta_grad", lambda self, *a: -HED.__mro__[1].theta_grad(self, *a))
+    def wrong_way(self, *a):
+        grad, loss = HED.__mro__[1].theta_grad(self, *a)
+        return -grad, loss
+
+    monkeypatch.setattr(HED, "theta_grad", wrong_way)
     rows = [{"eps": 0.05}]
     check = check_stain_vs_random(model, x, y, rows, "hed", {"steps": 10}, {"batch_size": 64})
     assert not check["passed"] and check["upper_bound"]

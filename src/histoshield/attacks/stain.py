@@ -10,11 +10,12 @@ stain-budget curve with the same flags as a pixel curve. Rows carry `norm = "sta
 theta_0 = U(box) (random start) or the identity;
 theta_{k+1} = Π_box(theta_k + step · width · sign(∇_theta J(θ, apply(x, theta_k), y))),
 with J the attack loss (`attack_loss`, margin by default) and width the box's size per parameter;
-`restarts` > 1 keeps each image's highest-loss parameters. Random search (`random_search`)
+each image keeps its highest-loss point over every iterate of every restart (the loss comes with
+each gradient, so this costs one extra forward per restart). Random search (`random_search`)
 draws `steps × restarts` parameter vectors uniformly from the box and keeps the best per image:
 the same number of candidate points, no gradients — if it beats the optimiser, the gradient is
 misleading (a masking check). Cost: `steps` forward+backward passes per restart (random search:
-`steps × restarts` forwards).
+`steps × restarts` forwards); plus one forward per restart for the last iterate.
 """
 
 from __future__ import annotations
@@ -84,38 +85,41 @@ class StainAttack(LossAttack):
         with torch.no_grad():
             return self.objective(self.model(self.apply(x, theta)), y, t)
 
-    def theta_grad(self, x, theta, y, t) -> torch.Tensor:
-        """EOT-averaged gradient of the summed objective w.r.t. the parameters only."""
+    def theta_grad(self, x, theta, y, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """EOT-averaged gradient of the summed objective w.r.t. the parameters only, and the
+        per-image objective at `theta` (from the same forward passes)."""
         total = torch.zeros_like(theta)
+        loss_sum = torch.zeros(len(theta), device=theta.device, dtype=theta.dtype)
         for _ in range(self.eot):
             th = theta.detach().requires_grad_(True)
-            loss = self.objective(self.model(self.apply(x, th)), y, t).sum()
-            total += torch.autograd.grad(loss, th)[0]
-        return total / self.eot
+            loss = self.objective(self.model(self.apply(x, th)), y, t)
+            total += torch.autograd.grad(loss.sum(), th)[0]
+            loss_sum += loss.detach().to(loss_sum.dtype)
+        return total / self.eot, loss_sum / self.eot
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """Search the parameter box per image; return the transformed images."""
         lo, hi = (b.to(x) for b in self.box(x))
-        n = len(x)
         best, best_loss = None, None
-        for theta in self._candidates(x, y, t, lo, hi):
-            loss = self._loss(x, theta, y, t)
+        for theta, loss in self._candidates(x, y, t, lo, hi):
+            if loss is None:
+                loss = self._loss(x, theta, y, t)
             if best is None:
                 best, best_loss = theta, loss
             else:
                 better = loss > best_loss
                 best = torch.where(better[:, None], theta, best)
                 best_loss = torch.where(better, loss, best_loss)
-        if best is None:  # pragma: no cover - steps, restarts >= 1
-            best = self.identity(x).to(x).expand(n, -1)
         self.last_theta = best.detach()
         return self.apply(x, best).detach()
 
     def _candidates(self, x, y, t, lo, hi):
+        """(theta, its loss or None) for every point evaluated: random draws, or every iterate
+        of every restart (the walk's best point is kept, as APGD keeps its best iterate)."""
         n = len(x)
         if self.random_search:
             for _ in range(self.steps * self.restarts):
-                yield self._uniform(n, lo, hi)
+                yield self._uniform(n, lo, hi), None
             return
         width = hi - lo
         for r in range(self.restarts):
@@ -124,17 +128,18 @@ class StainAttack(LossAttack):
             else:
                 theta = self.identity(x).to(x).expand(n, -1).clone()
             for k in range(self.steps):
-                grad = self.theta_grad(x, theta, y, t)
+                grad, loss = self.theta_grad(x, theta, y, t)
+                yield theta, loss
                 if k == 0 and r == 0:
                     self.record_grad(grad)
-                theta = torch.maximum(torch.minimum(theta + self.step_size * width *
-                                                    grad.sign(), hi), lo)  # fmt: skip
-            yield theta
+                step = theta + self.step_size * width * grad.sign()
+                theta = torch.maximum(torch.minimum(step, hi), lo)
+            yield theta, None
 
     def input_grad(self, x, y, t, loss_fn=None):
         """The self-checks' gradient: w.r.t. the stain parameters at the identity (N,P)."""
         theta = self.identity(x).to(x).expand(len(x), -1).clone()
-        grad = self.theta_grad(x, theta, y, t)
+        grad = self.theta_grad(x, theta, y, t)[0]
         with torch.no_grad():
             logits = self.model(x)
         return grad, logits
