@@ -29,7 +29,7 @@ MAX_BUDGET = 1.0  # at eps = 1 a stain factor may reach 0: beyond it the transfo
 
 
 class StainAttack(LossAttack):
-    """Base of stain attacks: subclasses define `box(n, x)` and `apply(x, theta)`."""
+    """Base of stain attacks: subclasses define `box`, `identity` and `apply`."""
 
     name = "stain"
     norm = "stain"
@@ -56,12 +56,12 @@ class StainAttack(LossAttack):
             )
         self.steps = check_steps(steps)
         self.restarts = check_steps(restarts, "restarts")
-        # 2.5/steps of the box width, as PGD's 2.5·eps/steps: the walk can cross the box.
+        # 2.5·(half width)/steps, as PGD's 2.5·eps/steps: the walk can cross the box.
         self.step_size = float(step_size) if step_size is not None else 2.5 / (2 * self.steps)
         if not 0 < self.step_size <= 1:
             raise HistoshieldError(f"step_size must be in (0, 1], got {step_size!r}")
         self.random_start = bool(random_start)
-        self.last_theta: torch.Tensor | None = None  # the chosen parameters (N, P), for tests
+        self.last_theta: torch.Tensor | None = None  # chosen parameters (N, P) of the last batch
 
     # ---- what a family defines ----------------------------------------------------------
     def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
