@@ -119,6 +119,12 @@ def test_parameters_never_leave_the_budget(colour_task, name, eps) -> None:
     assert bool((adv != x).any())
 
 
+def test_default_step_size_fits_any_number_of_steps() -> None:
+    for steps, expected in ((1, 1.0), (2, 0.625), (10, 0.125)):
+        atk = attacks.create("hed", nn.Identity(), eps=0.2, steps=steps)
+        assert atk.step_size == pytest.approx(expected)
+
+
 def test_hed_a_and_b_set_the_box_separately() -> None:
     atk = attacks.create("hed", nn.Identity(), eps=0.2, a=0.1, b=0.05)
     lo, hi = atk.box(torch.zeros(1, 3, 2, 2))
@@ -198,6 +204,7 @@ def test_optimised_vs_random_check_fails_when_random_search_wins(colour_task, mo
     from histoshield.evaluation.sanity import check_stain_vs_random
 
     model, x, y = colour_task
+
     # a "gradient" that points the wrong way: the optimiser walks to the most benign stain
     def wrong_way(self, *a):
         grad, loss = HED.__mro__[1].theta_grad(self, *a)

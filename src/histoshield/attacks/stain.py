@@ -56,8 +56,10 @@ class StainAttack(LossAttack):
             )
         self.steps = check_steps(steps)
         self.restarts = check_steps(restarts, "restarts")
-        # 2.5·(half width)/steps, as PGD's 2.5·eps/steps: the walk can cross the box.
-        self.step_size = float(step_size) if step_size is not None else 2.5 / (2 * self.steps)
+        # 2.5·(half width)/steps, as PGD's 2.5·eps/steps: the walk can cross the box (at most
+        # the whole width in one step, for steps = 1).
+        default = min(1.0, 2.5 / (2 * self.steps))
+        self.step_size = float(step_size) if step_size is not None else default
         if not 0 < self.step_size <= 1:
             raise HistoshieldError(f"step_size must be in (0, 1], got {step_size!r}")
         self.random_start = bool(random_start)
