@@ -299,3 +299,6 @@ def test_cv_trains_the_configs_defense_and_attacks_in_stain_space(tmp_path: Path
     (row,) = res["folds"][0]["robustness"]
     assert row["attack"] == "hed:a=0.1,b=0.1,steps=2"
     assert 0 <= row["balanced_adversarial_accuracy"] <= 1
+    assert row["eps_255"] is None  # its budget is the spec's a, b, not cv.eps
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| hed:a=0.1,b=0.1,steps=2 | stain (spec) |" in report

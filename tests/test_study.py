@@ -177,7 +177,7 @@ def test_kill_during_training_then_resume_equals_uninterrupted(
     with pytest.raises(KeyboardInterrupt):
         S.run_study(cfg, out, resume=True, progress=False)
     state = json.loads((out / "state.json").read_text())
-    assert state["finished"][-1] == "curves" and "transfer" not in state["finished"]
+    assert state["finished"][-1] == "stain" and "transfer" not in state["finished"]
     monkeypatch.setattr(S, "_stage_transfer", real_transfer)
 
     S.run_study(cfg, out, resume=True, progress=False)

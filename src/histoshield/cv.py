@@ -207,7 +207,8 @@ def attack_rows(
         return {
             "attack": attack,
             "eps": cv.eps,
-            "eps_255": round(cv.eps * 255, 4),
+            # a stain attack's budget is its spec's a, b (e.g. hed:a=0.2,b=0.2), not cv.eps
+            "eps_255": None if r.get("norm") == "stain" else round(cv.eps * 255, 4),
             "only": cv.only,
             "n": r["n"],
             "clean_correct": r["clean_correct"],
