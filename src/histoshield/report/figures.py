@@ -167,7 +167,8 @@ def robustness_curves(curves: list[dict[str, Any]], path: Path, *, stain: bool =
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title("Robustness curves (bands: Wilson 95% CI)", fontsize=11)
+    what = "Stain robustness curves" if stain else "Robustness curves"
+    ax.set_title(f"{what} (bands: Wilson 95% CI)", fontsize=11)
     return _save(fig, path)
 
 
