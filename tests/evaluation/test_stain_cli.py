@@ -39,6 +39,21 @@ def test_attack_hed_curve_end_to_end(ckpt, capsys, tmp_path):
     assert (out / "robustness.png").is_file()
 
 
+def test_default_eps_is_the_stain_budget_for_stain_attacks(ckpt, capsys, tmp_path):
+    from histoshield.evaluation.robustness import default_eps
+
+    assert default_eps("hed") == default_eps("color-random") == "0,0.05,0.1,0.2"
+    assert default_eps("pgd") == "0,1/255,2/255,4/255,8/255"
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys, "attack", "-c", str(ckpt / "best.pt"), "--data", str(ckpt / "syn"),
+        "--subset", "all", "--attack", "color-random:steps=2", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert [r["eps"] for r in res["results"]] == [0.0, 0.05, 0.1, 0.2]
+
+
 @pytest.mark.parametrize(
     "attack, eps, fragment",
     [

@@ -16,6 +16,7 @@ from torch import nn
 
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.harness import (
+    STAIN,
     AttackRun,
     budget_label,
     check_attack,
@@ -198,11 +199,23 @@ def rows_json(rows: Sequence[dict]) -> str:
     return json.dumps([clean(r) for r in rows], indent=2)
 
 
+PIXEL_EPS = "0,1/255,2/255,4/255,8/255"
+STAIN_EPS = "0,0.05,0.1,0.2"  # stain budgets a = b (REET's 0.2 the largest)
+
+
+def default_eps(attack: str) -> str:
+    """`--eps` when none is given: grey levels for pixel attacks, stain budgets for stain ones."""
+    from histoshield.attacks import REGISTRY
+
+    cls = REGISTRY.get(attack.strip().lower().replace("_", "-"))
+    return STAIN_EPS if cls is not None and cls.norm == STAIN else PIXEL_EPS
+
+
 def attack_checkpoint(
     checkpoint: str | Path,
     *,
     attack: str,
-    eps: str | Sequence[float],
+    eps: str | Sequence[float] | None,
     data: str | None = None,
     split: str | None = None,
     subset: str = "test",
@@ -232,7 +245,7 @@ def attack_checkpoint(
     from histoshield.runfolder import claim
     from histoshield.runtime import pick_device, seed_everything
 
-    eps_values = parse_eps(eps)
+    eps_values = parse_eps(eps if eps is not None else default_eps(attack))
     check_attack(attack, eps_values, params, batch_size=batch_size)
     seed_everything(seed)
     if only is not None and target is not None and only == target:
