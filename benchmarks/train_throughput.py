@@ -23,7 +23,8 @@ from histoshield import models
 from histoshield.config import AugmentConfig, TrainConfig
 from histoshield.data.transforms import Augment
 from histoshield.runtime import environment, pick_device, write_json
-from histoshield.training.loop import Stepper, _train_epoch
+from histoshield.training.epoch import train_epoch
+from histoshield.training.stepper import Stepper
 
 
 class _InMemory:
@@ -65,7 +66,7 @@ def bench(
     def run_ours(epoch: int) -> float:
         g = torch.Generator().manual_seed(epoch)
         t = time.perf_counter()
-        _train_epoch(ours, data, cfg, aug, g, g, epoch, False)
+        train_epoch(ours, data, cfg, aug, g, g, epoch, False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t

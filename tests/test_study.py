@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import histoshield.study as S
+import histoshield.study.engine as E
 from histoshield.config import StudyConfig
 from histoshield.errors import HistoshieldError
 from tests.helpers_results import stable
@@ -171,14 +172,14 @@ def test_kill_during_training_then_resume_equals_uninterrupted(
     def boom(ctx):
         raise KeyboardInterrupt
 
-    real_transfer = S._stage_transfer
-    monkeypatch.setattr(S, "_stage_transfer", boom)
+    real_transfer = E.stage_transfer
+    monkeypatch.setattr(E, "stage_transfer", boom)
     cfg = S.load_study_config(cfg_file)
     with pytest.raises(KeyboardInterrupt):
         S.run_study(cfg, out, resume=True, progress=False)
     state = json.loads((out / "state.json").read_text())
     assert state["finished"][-1] == "stain" and "transfer" not in state["finished"]
-    monkeypatch.setattr(S, "_stage_transfer", real_transfer)
+    monkeypatch.setattr(E, "stage_transfer", real_transfer)
 
     S.run_study(cfg, out, resume=True, progress=False)
     resumed = json.loads((out / "results.json").read_text())
@@ -350,9 +351,9 @@ def test_degenerate_models_are_flagged_at_the_top_of_the_report(tiny_run: Path, 
     models.save_checkpoint(run / "original" / "best.pt", model)
     cfg = S.load_study_config(_tiny(tmp_path))
     ctx = S.Context(cfg, run, dict(r), pick_device("cpu"), False, lambda s: None)
-    clean = S._stage_clean(ctx)
+    clean = E.stage_clean(ctx)
     assert "malignant for 100%" in clean["models"]["original"]["degenerate"]
-    S._merge(r, clean)
+    E._merge(r, clean)
     (run / "results.json").write_text(json.dumps(r))
     md = build_report(run)[0].read_text()
     top = md.split("## Data and split")[0]

@@ -322,6 +322,7 @@ def certify_cmd(
     import json
 
     from histoshield.evaluation.certify import certify_checkpoint, format_certify
+    from histoshield.report.certify import certify_figures
 
     res = certify_checkpoint(
         checkpoint,
@@ -339,6 +340,7 @@ def certify_cmd(
         out=out,
         progress=not json_out,
         overwrite=overwrite,
+        figures=certify_figures,
     )
     if json_out:
         typer.echo(json.dumps(res, indent=2))

@@ -279,3 +279,31 @@ class StudyConfig(Strict):
         if not isinstance(v, (list, tuple)) or not v:
             raise ValueError("curve_eps must be a non-empty list such as [0, 1/255, 2/255]")
         return sorted({parse_eps_value(e) for e in v})
+
+
+def resolve_config(
+    config: str | Path | None = None, *, resume: str | Path | None = None, **overrides: Any
+) -> TrainConfig:
+    """TrainConfig from a YAML file (flat, or a study config's `train:` section), a run folder
+    being resumed (its config.yaml), and CLI overrides on top (None = not given)."""
+    base: dict[str, Any] = {}
+    src: Path | None = None
+    if resume is not None:
+        src = Path(resume) / "config.yaml"
+        if not src.is_file():
+            raise HistoshieldError(f"cannot resume: {src} does not exist (is {resume} a run?)")
+    elif config is not None:
+        src = Path(config).expanduser()
+    if src is not None:
+        loaded = read_yaml(src)
+        if isinstance(loaded.get("train"), dict):
+            # A study config: its `train:` section, plus the study-wide settings that are also
+            # training settings (data, seed, split_by, ...) so the run matches the study's.
+            shared = {k: v for k, v in loaded.items() if k in TrainConfig.model_fields}
+            loaded = {**shared, **loaded["train"]}
+        base.update(loaded)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(base)
+    except ValidationError as e:
+        raise settings_error(e, src) from None

@@ -67,7 +67,7 @@ def test_wrapper_exposes_inner_model_and_flags():
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("blur:k=3", "choose one of jpeg, median, bitdepth, randpad"),
+        ("blur:k=3", "choose one of bitdepth, jpeg, median, randpad"),
         ("jpeg:quality=0", "quality must be in 1..95"),
         ("median:k=4", "odd integer"),
         ("bitdepth:levels=4", "valid parameters are bits, bpda"),

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.certify import certify_images, max_radius, save_certify
+from histoshield.report.certify import certify_figures
 
 SIGMA = 0.25
 
@@ -55,7 +56,7 @@ def test_rows_and_curve():
 def test_save_certify_writes_json_csv_png(tmp_path):
     x = torch.full((2, 3, 4, 4), 0.9)
     res = certify_images(FirstPixel(), x, [1, 1], sigma=SIGMA, n0=10, n=50, progress=False)
-    files = save_certify(res, tmp_path)
+    files = save_certify(res, tmp_path, certify_figures)
     data = json.loads(files["json"].read_text())
     assert data["rows"][0]["radius"] == pytest.approx(res["rows"][0]["radius"])
     assert files["csv"].read_text().splitlines()[0].startswith("index,label,prediction,radius")

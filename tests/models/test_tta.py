@@ -9,7 +9,7 @@ import torch
 
 from histoshield import models
 from histoshield.config import TrainConfig
-from histoshield.training.loop import make_optimizer, param_groups
+from histoshield.training.optim import make_optimizer, param_groups
 
 
 def test_tta_model_is_invariant_to_flips_and_rotations_and_differentiable() -> None:

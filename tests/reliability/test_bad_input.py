@@ -111,7 +111,7 @@ STUDY_TYPOS = {
 def test_study_config_typos_are_found_before_the_first_stage(
     case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    import histoshield.study as S
+    import histoshield.study.engine as E
 
     key, value, words = STUDY_TYPOS[case]
     cfg = {"data": "synthetic:n=48,size=32", "train": {"image_size": 32, "epochs": 1}, key: value}
@@ -120,7 +120,7 @@ def test_study_config_typos_are_found_before_the_first_stage(
     def no_stage(ctx):
         raise AssertionError("a stage ran before the config was checked")
 
-    monkeypatch.setattr(S, "_stage_split", no_stage)
+    monkeypatch.setattr(E, "stage_split", no_stage)
     code, out, err = run_cli(capsys, "study", "-c", str(tmp_path / "c.yaml"), "--out",
                              str(tmp_path / "run"), "-q")  # fmt: skip
     assert_one_error(code, out, err, key, words)

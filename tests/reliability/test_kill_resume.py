@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 import histoshield.study as S
+import histoshield.study.engine as E
 from histoshield.errors import HistoshieldError
 from tests.helpers_cli import run_cli
 from tests.reliability.conftest import TRAIN_ARGS, subprocess_env
@@ -146,7 +147,7 @@ def test_study_resumes_with_changes_to_stages_not_yet_run(
 
     first = S.load_study_config(_study(tmp_path, extra_attacks=[]))
     with monkeypatch.context() as m:
-        m.setattr(S, "_stage_curves", stop)
+        m.setattr(E, "stage_curves", stop)
         with pytest.raises(KeyboardInterrupt):
             S.run_study(first, out, progress=False)
     finished = json.loads((out / "state.json").read_text())["finished"]

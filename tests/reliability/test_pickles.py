@@ -56,7 +56,7 @@ def test_malicious_checkpoint_in_a_study_being_resumed(
 ) -> None:
     """A study stopped after its split; a payload planted as a model's last.pt (training
     resumes from it) or as finished best.pt + results.json (the clean stage loads it)."""
-    import histoshield.study as S
+    import histoshield.study.engine as E
 
     cfg = {"data": "synthetic:n=96,size=32,seed=1", "seed": 0,
            "train": {"image_size": 32, "epochs": 1, "batch_size": 16}, "curve_attacks": ["fgsm"],
@@ -68,7 +68,7 @@ def test_malicious_checkpoint_in_a_study_being_resumed(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(S, "_stage_train", stop)
+        m.setattr(E, "stage_train", stop)
         code, o, e = run_cli(capsys, "study", "-c", str(tmp_path / "c.yaml"), "--out", str(out),
                              "-q")  # fmt: skip
     assert code == 130 and json.loads((out / "state.json").read_text())["finished"] == ["split"]

@@ -54,7 +54,7 @@ def test_infinite_lr_is_refused(tmp_path: Path, capsys) -> None:
 
 
 def test_divergence_later_keeps_the_last_finite_checkpoints(tmp_path: Path, monkeypatch) -> None:
-    real = loop._train_epoch
+    real = loop.train_epoch
 
     def epoch_two_diverges(stepper, d, cfg, augment, g_perm, g_aug, epoch, show):
         out = real(stepper, d, cfg, augment, g_perm, g_aug, epoch, show)
@@ -64,7 +64,7 @@ def test_divergence_later_keeps_the_last_finite_checkpoints(tmp_path: Path, monk
             out["loss"] = float("nan")
         return out
 
-    monkeypatch.setattr(loop, "_train_epoch", epoch_two_diverges)
+    monkeypatch.setattr(loop, "train_epoch", epoch_two_diverges)
     cfg = TrainConfig(
         data="synthetic:n=32,size=32", image_size=32, epochs=3, batch_size=8, device="cpu"
     )
@@ -155,10 +155,10 @@ def test_image_level_protocol_allows_the_leak_by_itself(tmp_path: Path) -> None:
     leak = split_csv(tmp_path, leak=True)
     assert TrainConfig(split_by="image").leak_allowed and not TrainConfig().leak_allowed
     cfg = TrainConfig(split=str(leak), split_by="image", image_size=32)
-    iset = loop._prepare_split(cfg, tmp_path / "r", resume=False)
+    iset = loop.prepare_split(cfg, tmp_path / "r", resume=False)
     assert any("allowed for an image-level protocol" in p for p in iset.problems)
     with pytest.raises(HistoshieldError, match="more than one split"):
-        loop._prepare_split(TrainConfig(split=str(leak)), tmp_path / "r", resume=False)
+        loop.prepare_split(TrainConfig(split=str(leak)), tmp_path / "r", resume=False)
 
 
 # ---- items 8 and 10: odd file names and undecodable files reach training ---------------------

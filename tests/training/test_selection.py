@@ -4,8 +4,8 @@ all-degenerate history is chosen from but reported as degenerate."""
 from __future__ import annotations
 
 from histoshield.config import TrainConfig
-from histoshield.training.loop import RunState, _stop_reason
 from histoshield.training.selection import select
+from histoshield.training.state import RunState, stop_reason
 
 CONSTANT = "the model predicts malignant for 100% of the images"
 
@@ -80,25 +80,25 @@ def test_collapse_patience_stops_only_after_a_non_degenerate_epoch():
     state = RunState(
         history=[_row(1, bal=0.5, degenerate=CONSTANT), _row(2, bal=0.5, degenerate=CONSTANT)]
     )
-    assert _stop_reason(state, select(state.history, False), cfg, False) is None  # never trained
+    assert stop_reason(state, select(state.history, False), cfg, False) is None  # never trained
     state = RunState(history=[_row(1, bal=0.8), _row(2, bal=0.5, degenerate=CONSTANT)])
-    assert _stop_reason(state, select(state.history, False), cfg, False) is None  # only one
+    assert stop_reason(state, select(state.history, False), cfg, False) is None  # only one
     state.history.append(_row(3, bal=0.5, degenerate=CONSTANT))
-    reason = _stop_reason(state, select(state.history, False), cfg, False)
+    reason = stop_reason(state, select(state.history, False), cfg, False)
     assert reason is not None and "collapse" in reason
     off = TrainConfig()  # collapse_patience=None: warn only
-    assert _stop_reason(state, select(state.history, False), off, False) is None
+    assert stop_reason(state, select(state.history, False), off, False) is None
 
 
 def test_robust_collapse_and_early_stopping_from_history():
     cfg = TrainConfig(early_stopping=2)
     rows = [_row(1, bal=0.8, bal_robust=0.6), _row(2, bal=0.8, bal_robust=0.35)]
     state = RunState(history=rows)
-    reason = _stop_reason(state, select(rows, True), cfg, True)
+    reason = stop_reason(state, select(rows, True), cfg, True)
     assert reason is not None and "catastrophic overfitting" in reason
-    assert _stop_reason(state, select(rows, True), cfg, False) is None  # watch off, patience 1
+    assert stop_reason(state, select(rows, True), cfg, False) is None  # watch off, patience 1
     rows.append(_row(3, bal=0.8, bal_robust=0.5))
-    assert "early stopping" in _stop_reason(state, select(rows, True), cfg, False)
+    assert "early stopping" in stop_reason(state, select(rows, True), cfg, False)
 
 
 def test_validation_curves_figure(tmp_path):

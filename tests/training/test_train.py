@@ -212,7 +212,7 @@ def test_stain_norm_is_fitted_on_training_images(tmp_path: Path) -> None:
 
 
 def test_constant_model_is_flagged_as_collapsed(tmp_path: Path, monkeypatch, capsys) -> None:
-    real = loop._build_model
+    real = loop.build_model
 
     def constant(cfg, classes):  # a model that says "class 1" for every image
         m = real(cfg, classes)
@@ -220,7 +220,7 @@ def test_constant_model_is_flagged_as_collapsed(tmp_path: Path, monkeypatch, cap
         m.forward = lambda x: fwd(x) * 0 + torch.tensor([0.0, 5.0], device=x.device)
         return m
 
-    monkeypatch.setattr(loop, "_build_model", constant)
+    monkeypatch.setattr(loop, "build_model", constant)
     cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
     res = train(cfg, tmp_path / "const", progress=False)
     err = capsys.readouterr().err
@@ -244,7 +244,7 @@ def test_balance_loss_needs_a_defense_that_can_weight(tmp_path: Path) -> None:
 def test_a_model_that_learned_then_went_constant_is_reported_as_collapse(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    real = loop._validate
+    real = loop.validate
     calls = {"n": 0}
 
     def later_constant(stepper, d, cfg, defense):  # epoch 1 real, epoch 2 degenerate
@@ -256,7 +256,7 @@ def test_a_model_that_learned_then_went_constant_is_reported_as_collapse(
             va["degenerate"] = None
         return va
 
-    monkeypatch.setattr(loop, "_validate", later_constant)
+    monkeypatch.setattr(loop, "validate", later_constant)
     cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=2, batch_size=16)
     train(cfg, tmp_path / "later", progress=False)
     err = capsys.readouterr().err

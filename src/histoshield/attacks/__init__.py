@@ -17,8 +17,11 @@ from torch import nn
 
 from histoshield.attacks.apgd import APGDCE, APGDMargin
 from histoshield.attacks.autoattack import AutoAttackBinary
+
+# Each module registers its attack(s) in REGISTRY when imported.
 from histoshield.attacks.base import (
     LOSSES,
+    REGISTRY,
     Attack,
     attack_loss,
     margin_loss,
@@ -39,29 +42,23 @@ from histoshield.attacks.pgd_l2 import PGDL2
 from histoshield.attacks.square import Square
 from histoshield.errors import HistoshieldError
 
-REGISTRY: dict[str, type[Attack]] = {
-    cls.name: cls
-    for cls in (
-        FGSM,
-        BIM,
-        PGD,
-        PGDL2,
-        MIFGSM,
-        DeepFool,
-        CWL2,
-        APGDCE,
-        APGDMargin,
-        FAB,
-        Square,
-        AutoAttackBinary,
-        HED,
-        HEDRandom,
-        ColorJitter,
-        ColorRandom,
-    )
-}
-
 __all__ = [
+    "APGDCE",
+    "APGDMargin",
+    "AutoAttackBinary",
+    "BIM",
+    "CWL2",
+    "DeepFool",
+    "FAB",
+    "FGSM",
+    "MIFGSM",
+    "PGD",
+    "PGDL2",
+    "Square",
+    "HED",
+    "HEDRandom",
+    "ColorJitter",
+    "ColorRandom",
     "LOSSES",
     "Attack",
     "attack_loss",
@@ -78,7 +75,7 @@ __all__ = [
 
 def available() -> list[str]:
     """Names accepted by `create` / `run`."""
-    return list(REGISTRY)
+    return REGISTRY.names()
 
 
 def accepted_params(name: str) -> list[str]:
@@ -94,10 +91,7 @@ def accepted_params(name: str) -> list[str]:
 
 
 def _lookup(name: str) -> type[Attack]:
-    key = name.strip().lower().replace("_", "-")
-    if key not in REGISTRY:
-        raise HistoshieldError(f"unknown attack {name!r}: choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[key]
+    return REGISTRY.get(name)
 
 
 def create(name: str, model: nn.Module, **params: Any) -> Attack:

@@ -8,19 +8,45 @@ which is valid for 2 classes (the paper's DLR loss divides by z_π1 - z_π3 and 
 so it breaks on binary models). Delegated to torchattacks.APGD (checked on 2-class models in
 tests/attacks); the margin loss is swapped in through its `dlr_loss` hook. Untargeted only: for 2
 classes the untargeted attack is the targeted one.
+Cost: `steps` × `restarts` forward+backward passes (× `eot`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LibraryAttack, check_steps, margin_loss
+from histoshield.attacks.base import LibraryAttack, check_steps, margin_loss, register
 
 
+@register
 class APGDCE(LibraryAttack):
-    """Auto-PGD with the cross-entropy loss (L∞)."""
+    """Auto-PGD with the cross-entropy loss (L∞, untargeted).
+
+    Args:
+        steps (int, default 100): iterations per restart, >= 1.
+        restarts (int, default 1): random restarts, >= 1.
+        rho (float, default 0.75): the step size halves at a checkpoint where at most this
+            fraction of the steps since the last one increased the loss (or the best loss
+            did not improve).
+        eps, target, classes, seed, eot, batch_size: see `Attack`
+            (untargeted: `create` accepts a target only for 2 classes, where it is the same attack).
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, in B∞(x, eps).
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import APGDCE
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = APGDCE(model, eps=8 / 255, steps=10)(x, y)
+        >>> adv.shape, bool((adv - x).abs().max() <= 8 / 255 + 1e-6)
+        (torch.Size([2, 3, 8, 8]), True)
+    """
 
     name = "apgd-ce"
+    iterative = True
+    randomized = True
     loss = "ce"
     supports_targeted = False
 
@@ -61,8 +87,30 @@ class APGDCE(LibraryAttack):
         return self.run_library(atk, x, y)
 
 
+@register
 class APGDMargin(APGDCE):
-    """Auto-PGD with the logit-margin loss (binary-valid replacement for DLR)."""
+    """Auto-PGD with the logit-margin loss (binary-valid replacement for DLR).
+
+    Args:
+        steps (int, default 100): iterations per restart, >= 1.
+        restarts (int, default 1): random restarts, >= 1.
+        rho (float, default 0.75): the step size halves at a checkpoint where at most this
+            fraction of the steps since the last one increased the loss (or the best loss
+            did not improve).
+        eps, target, classes, seed, eot, batch_size: see `Attack`.
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, in B∞(x, eps).
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import APGDMargin
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = APGDMargin(model, eps=8 / 255, steps=10)(x, y)
+        >>> adv.shape, bool((adv - x).abs().max() <= 8 / 255 + 1e-6)
+        (torch.Size([2, 3, 8, 8]), True)
+    """
 
     name = "apgd-margin"
     loss = "margin"

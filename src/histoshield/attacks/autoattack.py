@@ -6,6 +6,7 @@ fails on benign-vs-malignant models (in the reference code, torchattacks and ART
 ensemble is APGD-CE → APGD-margin (logit difference, binary-valid) → FAB → Square, each run
 only on images every earlier attack failed on; an image counts as robust only if all fail.
 `.log` records the robust count after each component.
+Cost: at most the sum of the components' costs, each spent only on the images still robust.
 
 `run_reference` runs the same budget in AutoAttack's reference code (PyPI `pyautoattack`, import
 `pyautoattack`) with its 2-class-valid components APGD-CE, FAB (untargeted; FAB-T needs >= 3
@@ -17,17 +18,45 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
+from histoshield.attacks.base import Attack, check_steps, register
 from histoshield.errors import HistoshieldError
 
 COMPONENTS = ("apgd-ce", "apgd-margin", "fab", "square")
 REFERENCE_COMPONENTS = ["apgd-ce", "fab", "square"]
 
 
+@register
 class AutoAttackBinary(Attack):
-    """Worst case over APGD-CE, APGD-margin, FAB and Square (2-class-valid AutoAttack)."""
+    """Worst case over APGD-CE, APGD-margin, FAB and Square (2-class-valid AutoAttack).
+
+    Args:
+        steps (int, default 100): iterations of the gradient components (APGD, FAB).
+        max_queries (int, default 1000): queries per image of the black-box component (Square).
+        components (tuple[str, ...] | str, default COMPONENTS): attack names run in order, or
+            one string joined with "+" (e.g. "apgd-ce+square").
+        eps, target, classes, seed, eot, batch_size: see `Attack`; every
+            component gets the same eps, seed and eot (untargeted, like APGDCE).
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, in B∞(x, eps).
+        `.log` gets, per batch, the robust count after each component.
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import AutoAttackBinary
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> atk = AutoAttackBinary(model, eps=8 / 255, steps=10, max_queries=50)
+        >>> adv = atk(x, y)
+        >>> bool((adv - x).abs().max() <= 8 / 255 + 1e-6)
+        True
+        >>> [row["attack"] for row in atk.log[0]["batch"]][0]
+        'clean'
+    """
 
     name = "autoattack-binary"
+    iterative = True
+    randomized = True
     supports_targeted = False
 
     def __init__(
@@ -55,12 +84,12 @@ class AutoAttackBinary(Attack):
 
     def component(self, name: str) -> Attack:
         """Build one component attack with this ensemble's budget, seed and EOT."""
-        from histoshield.attacks import create
+        from histoshield.attacks import REGISTRY, accepted_params, create
 
         params: dict = {"eps": self.eps, "seed": self.seed, "eot": self.eot}
-        if name == "square":
+        if REGISTRY.get(name).black_box:
             params["max_queries"] = self.max_queries
-        elif name in ("apgd-ce", "apgd-margin", "fab", "pgd", "bim", "mifgsm"):
+        elif "steps" in accepted_params(name):
             params["steps"] = self.steps
         return create(name, self.model, classes=self.classes, **params)
 

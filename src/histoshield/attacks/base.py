@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoshield.errors import HistoshieldError
+from histoshield.registry import Registry
 from histoshield.specs import parse_number
 
 
@@ -54,6 +55,10 @@ def resolve_class(value: int | str, classes: Sequence[str] | None, what: str = "
 
 
 LOSSES = ("margin", "ce")
+
+# Every attack class registers itself here (`@register`); `histoshield.attacks` imports them all.
+REGISTRY: Registry[type[Attack]] = Registry("attack")
+register = REGISTRY.register
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -101,13 +106,54 @@ class Attack:
     model in eval mode (restored afterwards), never touches the caller's tensors, splits into
     batches, draws all randomness from `self.generator` (seeded per call, so a seed gives the same
     result), and projects the output into the eps-ball and [0,1] as a last guard.
+
+    Args (common to every attack; each attack's own are in its class docstring):
+        model (nn.Module, required): maps (N,3,H,W) images in [0,1] to (N,C) logits (a `HistoModel`
+            does its own normalisation). Its `classes` and `default_eot` are used when present.
+        eps (float | None, default 8/255): perturbation budget in pixel units, in the attack's
+            `norm`; None = unbounded (minimum-norm attacks). Must be finite and >= 0.
+        target (int | str | None, default None): class index or name to push every image
+            towards; None = untargeted (away from the true label).
+        classes (list[str] | None, default model.classes): class names, to resolve `target`.
+        seed (int, default 0): seeds `self.generator` anew on every call: same seed, same output.
+        eot (int | None, default model.default_eot or 1): gradients averaged per step
+            (Expectation over Transformation, for randomized models).
+        batch_size (int | None, default None): images per `perturb` call; None = all at once.
+
+    Shape:
+        - images: (N, 3, H, W) float in [0, 1]; labels: (N,) true class indices (long).
+        - output: same shape, dtype and device as images, inside B_norm(images, eps) ∩ [0, 1].
+
+    Capabilities (class attributes, read by the harness instead of attack names): `norm`
+    ("linf", "l2" or None), `iterative`, `black_box` (outputs only, no gradients), `randomized`
+    (result depends on `seed`), `minimum_norm` (searches the smallest perturbation; eps only
+    caps it), `supports_targeted`. After a call, `queries` holds per-image model queries (black-box
+    attacks, else None) and `grad_stats` counts all-zero / NaN input gradients.
+
+    Example:
+        >>> import torch
+        >>> class Noise(Attack):  # a custom attack: only `perturb` is needed
+        ...     name = "noise-example"
+        ...     def perturb(self, x, y, t):
+        ...         return x + 2 * self.eps * (2 * self.rand_like(x) - 1)  # overshoots the ball
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+        >>> adv = Noise(model, eps=4 / 255, seed=1)(x, y)  # the base projects it back
+        >>> adv.shape, bool((adv - x).abs().max() <= 4 / 255 + 1e-6)
+        (torch.Size([2, 3, 8, 8]), True)
+        >>> torch.equal(adv, Noise(model, eps=4 / 255, seed=1)(x, y))  # seeded
+        True
     """
 
     name = "attack"
     loss = "margin"  # what `objective` ascends (see attack_loss); LossAttack makes it a parameter
     norm: str | None = "linf"  # geometry of eps: "linf", "l2", or None (no eps)
-    gradient_based = True
     supports_targeted = True
+    # Capabilities, read by the harness and the self-checks instead of attack names:
+    iterative = False  # ascends its loss over several steps inside the eps-ball
+    black_box = False  # uses only the model's outputs (no gradients)
+    randomized = False  # draws random starts/proposals (its result depends on the seed)
+    minimum_norm = False  # searches the smallest perturbation; eps only caps the result
     # True when `perturb`'s last operation already is the eps-ball ∩ [0,1] projection: the
     # final guard would then be a no-op pass over the batch, so it is skipped (hot path).
     output_in_ball = False
@@ -292,6 +338,10 @@ class Attack:
 
 class LossAttack(Attack):
     """Base for gradient attacks that take `loss="margin"` (default) or `loss="ce"`.
+
+    Args:
+        loss (str, default "margin"): "margin" (max_{k≠y} z_k - z_y) or "ce" (cross-entropy),
+            ascended away from the label, or its negative towards the target; plus `Attack`'s.
 
     Why margin by default: with a confident model the softmax saturates to exactly 1.0 in float32,
     the cross-entropy gradient is then exactly 0, sign(0) = 0, and a CE attack leaves the image

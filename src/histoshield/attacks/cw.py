@@ -5,6 +5,7 @@ x' = (tanh(w) + 1) / 2; minimise ||x' - x||_2^2 + c · max(z_y - max_{k≠y} z_k
 `search_steps` > 1 binary-searches c per image (×10 until success, then bisect).
 With `eps` set, the result is projected into the L2 ball of radius eps; eps=None leaves it
 unbounded (minimum-norm evaluation).
+Cost: `steps` × `search_steps` forward+backward passes.
 
 Written here rather than delegated: torchattacks.CW (3.5.1) masks the true class with 0 instead
 of -inf (wrong margin whenever logits are negative — common for binary models), maps pixels at
@@ -16,13 +17,40 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, attack_loss, check_steps
+from histoshield.attacks.base import Attack, attack_loss, check_steps, register
 
 
+@register
 class CWL2(Attack):
-    """Carlini–Wagner L2 attack."""
+    """Carlini–Wagner L2 attack: Adam on ||x' - x||² + c · margin in tanh space.
+
+    Args:
+        eps (float | None, default None): None = unbounded (minimum-norm); a number projects
+            the result into the L2 ball of radius eps.
+        steps (int, default 100): Adam steps per value of c, >= 1.
+        c (float, default 1.0): weight of the margin term (where the search starts).
+        kappa (float, default 0.0): confidence: the margin is clipped at -kappa.
+        lr (float, default 0.01): Adam learning rate (in tanh space).
+        search_steps (int, default 1): values of c tried per image (binary search), >= 1.
+        target, classes, batch_size: see `Attack`; seed and eot are accepted but unused
+            (deterministic, exact gradients).
+
+    Shape:
+        As `Attack`; images never fooled come back unchanged.
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import CWL2
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = CWL2(model, steps=20, c=10.0, lr=0.05)(x, y)
+        >>> bool((model(adv).argmax(1) != y).all())
+        True
+    """
 
     name = "cw-l2"
+    minimum_norm = True
     norm = "l2"
 
     def __init__(

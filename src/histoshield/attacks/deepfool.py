@@ -5,6 +5,8 @@ Linearise each class boundary k ≠ y: f_k = z_k - z_y, w_k = ∇x f_k. Step to 
 l = argmin_k |f_k| / ||w_k||_1,  r = (|f_l| / ||w_l||_1) · sign(w_l),  until the label flips;
 x_adv = x + (1 + overshoot) · Σ r. With `eps` set, the result is projected into the L∞ eps-ball
 (minimum-norm attacks are evaluated at a budget that way); eps=None leaves it unbounded.
+Cost: per iteration (at most `steps`; an image stops once fooled) one forward and one backward
+pass per class (one when targeted).
 Written here because torchattacks' DeepFool is L2-only and loops image by image.
 """
 
@@ -12,13 +14,37 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps
+from histoshield.attacks.base import Attack, check_steps, register
 
 
+@register
 class DeepFool(Attack):
-    """Minimal L∞ perturbation to the nearest linearised decision boundary."""
+    """DeepFool (L∞): minimal step to the nearest linearised decision boundary, iterated.
+
+    Args:
+        eps (float | None, default None): None = unbounded (minimum-norm); a number projects
+            the result into B∞(x, eps), to evaluate it at a budget.
+        steps (int, default 50): maximum iterations; an image stops once its label flips.
+        overshoot (float, default 0.02): the total step is scaled by 1 + overshoot.
+        target, classes, batch_size: see `Attack`; seed and eot are accepted but unused
+            (deterministic, exact gradients).
+
+    Shape:
+        As `Attack`; with eps=None the output is only clipped to [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import DeepFool
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = DeepFool(model)(x, y)
+        >>> bool((model(adv).argmax(1) != y).all())  # minimum-norm: it runs until fooled
+        True
+    """
 
     name = "deepfool"
+    minimum_norm = True
 
     def __init__(
         self, model, *, eps: float | None = None, steps: int = 50, overshoot: float = 0.02, **common

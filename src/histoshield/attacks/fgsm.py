@@ -12,11 +12,30 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack
+from histoshield.attacks.base import LossAttack, register
 
 
+@register
 class FGSM(LossAttack):
-    """Fast Gradient Sign Method (single step, L∞)."""
+    """Fast Gradient Sign Method: one signed-gradient step of size eps (L∞).
+
+    Args:
+        loss (str, default "margin"): "margin" or "ce" (the paper's); see `LossAttack`.
+        eps, target, classes, seed, eot, batch_size: see `Attack` (eps, default
+            8/255, is both the step and the budget).
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, in B∞(x, eps).
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import FGSM
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = FGSM(model, eps=8 / 255)(x, y)
+        >>> adv.shape, bool((adv - x).abs().max() <= 8 / 255 + 1e-6)
+        (torch.Size([2, 3, 8, 8]), True)
+    """
 
     name = "fgsm"
     output_in_ball = True  # |eps·sign(g)| <= eps and the clip keeps it in [0,1]

@@ -11,13 +11,35 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, check_steps
+from histoshield.attacks.base import LossAttack, check_steps, register
 
 
+@register
 class MIFGSM(LossAttack):
-    """Momentum iterative FGSM (L∞); momentum makes it transfer better between models."""
+    """Momentum iterative FGSM (L∞); momentum makes it transfer better between models.
+
+    Args:
+        steps (int, default 10): iterations, >= 1.
+        alpha (float | None, default None): step size; None = eps / steps (the paper's).
+        decay (float, default 1.0): momentum factor mu.
+        loss (str, default "margin"): "margin" or "ce"; see `LossAttack`.
+        eps, target, classes, seed, eot, batch_size: see `Attack`.
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, in B∞(x, eps).
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import MIFGSM
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = MIFGSM(model, eps=8 / 255, steps=5)(x, y)
+        >>> adv.shape, bool((adv - x).abs().max() <= 8 / 255 + 1e-6)
+        (torch.Size([2, 3, 8, 8]), True)
+    """
 
     name = "mifgsm"
+    iterative = True
     output_in_ball = True  # every step ends with the eps-ball ∩ [0,1] clamp
 
     def __init__(

@@ -15,14 +15,39 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, check_steps
+from histoshield.attacks.base import LossAttack, check_steps, register
 from histoshield.errors import HistoshieldError
 
 
+@register
 class PGD(LossAttack):
-    """Projected gradient descent in the L∞ ball."""
+    """Projected gradient descent in the L∞ ball, with random start and restarts.
+
+    Args:
+        steps (int, default 10): gradient steps per restart, >= 1.
+        alpha (float | None, default None): step size; None = 2.5 · eps / steps (Madry et al.).
+        restarts (int, default 1): independent walks; each image keeps its highest-loss one.
+        random_start (bool | None, default None): start from U(-eps, eps) noise; None = the
+            attack's default (True).
+        loss (str, default "margin"): "margin" or "ce"; see `LossAttack`.
+        eps, target, classes, seed, eot, batch_size: see `Attack`.
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, in B∞(x, eps).
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import PGD
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = PGD(model, eps=8 / 255, steps=5, seed=0)(x, y)
+        >>> adv.shape, bool((adv - x).abs().max() <= 8 / 255 + 1e-6)
+        (torch.Size([2, 3, 8, 8]), True)
+    """
 
     name = "pgd"
+    iterative = True
+    randomized = True
     default_random_start = True
     output_in_ball = True  # every step ends with the eps-ball ∩ [0,1] clamp
 

@@ -9,11 +9,40 @@ from __future__ import annotations
 
 import torch
 
+from histoshield.attacks.base import register
 from histoshield.attacks.pgd import PGD
 
 
+@register
 class PGDL2(PGD):
-    """Projected gradient descent in the L2 ball."""
+    """Projected gradient descent in the L2 ball (eps is the L2 radius in pixel units).
+
+    As `PGD`, but each step follows the L2-normalised gradient and the random start is a
+    uniform radius in [0, eps) along a Gaussian direction.
+
+    Args:
+        steps (int, default 10): gradient steps per restart, >= 1.
+        alpha (float | None, default None): step size; None = 2.5 · eps / steps (Madry et al.).
+        restarts (int, default 1): independent walks; each image keeps its highest-loss one.
+        random_start (bool | None, default None): start at a random point of the L2 ball;
+            None = True.
+        loss (str, default "margin"): "margin" or "ce"; see `LossAttack`.
+        eps, target, classes, seed, eot, batch_size: see `Attack` (eps, default 8/255, is
+            the L2 radius here).
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, with
+        ||adv - x||_2 <= eps per image.
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import PGDL2
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> adv = PGDL2(model, eps=0.5, steps=5)(x, y)
+        >>> adv.shape, bool((adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5)
+        (torch.Size([2, 3, 8, 8]), True)
+    """
 
     name = "pgd-l2"
     norm = "l2"

@@ -1,10 +1,12 @@
 """Square Attack (L∞) — Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a
 query-efficient black-box adversarial attack via random search", ECCV 2020.
 
-Score-based random search: start from vertical stripes x + eps·(±1), then at iteration i change a
-random s×s window (s shrinks with a schedule p_i) to x ± 2eps per channel, project, and keep the
-change only if the margin loss  z_y - max_{k≠y} z_k  (targeted: max_{k≠t} z_k - z_t) decreases.
-An image stops once misclassified. Needs only logits — no gradients.
+Score-based random search: start from vertical stripes x + eps·(±1), then at iteration i add
+±2eps (one sign per channel) to a random s×s window (s² = p_i·h·w, p_i halving on a schedule),
+project into B∞(x, eps) ∩ [0,1], and keep the change only if the margin loss
+z_y - max_{k≠y} z_k  (targeted: max_{k≠t} z_k - z_t) decreases. An image stops once
+misclassified. Needs only logits — no gradients.
+Cost: at most `max_queries` forward passes per image (the first one included).
 Written here because torchattacks.Square hides its query counts and reseeds the global RNG;
 `.queries` holds the model queries spent per image.
 """
@@ -15,17 +17,40 @@ import math
 
 import torch
 
-from histoshield.attacks.base import Attack, attack_loss, check_steps
+from histoshield.attacks.base import Attack, attack_loss, check_steps, register
 
 # Fractions of the image changed per step, halved at these (rescaled) iteration counts.
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
+@register
 class Square(Attack):
-    """Black-box, score-based L∞ attack that counts its queries."""
+    """Black-box, score-based L∞ attack that counts its queries (`.queries`, per image).
+
+    Args:
+        max_queries (int, default 1000): model queries per image, the first one included.
+        p_init (float, default 0.8): initial fraction of pixels a square covers; halved on the
+            paper's schedule (rescaled from 10 000 queries to max_queries).
+        eps, target, classes, seed, batch_size: see `Attack`; eot is unused (no gradients).
+
+    Shape:
+        As `Attack`: (N,3,H,W) in [0,1] and (N,) labels in; the same shape out, in B∞(x, eps).
+
+    Example:
+        >>> import torch
+        >>> from histoshield.attacks import Square
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x = torch.rand(2, 3, 8, 8); y = model(x).argmax(1)
+        >>> atk = Square(model, eps=8 / 255, max_queries=50)
+        >>> adv = atk(x, y)
+        >>> bool((adv - x).abs().max() <= 8 / 255 + 1e-6), bool((atk.queries <= 50).all())
+        (True, True)
+    """
 
     name = "square"
-    gradient_based = False
+    iterative = True
+    black_box = True
+    randomized = True
 
     def __init__(
         self, model, *, eps: float = 8 / 255, max_queries: int = 1000, p_init: float = 0.8, **common

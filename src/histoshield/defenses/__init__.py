@@ -15,7 +15,7 @@ Examples:
 
 from __future__ import annotations
 
-from histoshield.defenses.base import TrainingDefense
+from histoshield.defenses.base import REGISTRY, TrainingDefense
 from histoshield.defenses.fgsm_rs import FGSMRandomStart
 from histoshield.defenses.gaussian import GaussianNoise
 from histoshield.defenses.hed_at import HEDAdversarialTraining, PGDHEDTraining
@@ -23,27 +23,26 @@ from histoshield.defenses.pgd_at import PGDAdversarialTraining
 from histoshield.defenses.spec import parse_spec
 from histoshield.defenses.trades import TRADES
 
-_REGISTRY: dict[str, type[TrainingDefense]] = {
-    cls.name: cls
-    for cls in (
-        GaussianNoise,
-        PGDAdversarialTraining,
-        TRADES,
-        FGSMRandomStart,
-        HEDAdversarialTraining,
-        PGDHEDTraining,
-    )
-}
-
-__all__ = ["TrainingDefense", "available", "create"]
+__all__ = [
+    "REGISTRY",
+    "TRADES",
+    "FGSMRandomStart",
+    "GaussianNoise",
+    "HEDAdversarialTraining",
+    "PGDAdversarialTraining",
+    "PGDHEDTraining",
+    "TrainingDefense",
+    "available",
+    "create",
+]
 
 
 def available() -> list[str]:
     """Names of the training-time defenses."""
-    return list(_REGISTRY)
+    return REGISTRY.names()
 
 
 def create(spec: str) -> TrainingDefense:
     """Build a training-time defense from `"name:key=value,..."` (eps accepts `2/255`)."""
-    name, params = parse_spec(spec, {k: c.schema for k, c in _REGISTRY.items()}, "defense")
-    return _REGISTRY[name](params)
+    name, params = parse_spec(spec, REGISTRY.schemas(), "defense")
+    return REGISTRY[name](params)

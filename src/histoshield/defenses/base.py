@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoshield.defenses.spec import Param, canonical
+from histoshield.registry import Registry
 
 VAL_STEPS = 10  # PGD-10 for robust validation, the common fast-AT convention
 
@@ -58,6 +59,11 @@ def warmup_scale(epoch: int, epochs: int, warmup: int) -> float:
 def pgd_alpha(eps: float, steps: int) -> float:
     """Madry et al.'s PGD step 2.5·ε/steps, enough to cross the ε ball from any start."""
     return 2.5 * eps / steps
+
+
+# Every training defense registers itself here (`@register`); `histoshield.defenses` imports them.
+REGISTRY: Registry[type[TrainingDefense]] = Registry("defense")
+register = REGISTRY.register
 
 
 class TrainingDefense:

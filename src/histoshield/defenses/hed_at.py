@@ -28,6 +28,7 @@ from histoshield.defenses.base import (
     TrainingDefense,
     pgd_alpha,
     positive,
+    register,
 )
 from histoshield.defenses.spec import Param
 
@@ -55,8 +56,35 @@ def hed_examples(
     ).detach()
 
 
+@register
 class HEDAdversarialTraining(TrainingDefense):
-    """Train on adversarial HED stain changes (the `hed` attack) of every batch."""
+    """Train on adversarial HED stain changes (the `hed` attack) of every batch.
+
+    Spec: `hed-at[:a=A,b=B,steps=S,seed=N,warmup=W]` (build it with `defenses.create`).
+
+    Args:
+        a (float, default 0.2): stain factor budget, alpha in [1-a, 1+a], in [0, 1].
+        b (float, default 0.2): stain shift budget, beta in [-b, b] optical density, in [0, 1].
+        steps (int, default 5): hed attack steps per batch, >= 1.
+        seed (int, default unset): a private RNG for this defense; unset = torch's global RNG.
+        warmup (int, default 2): epochs over which the budget ramps up linearly, >= 0.
+
+    Shape:
+        `loss(model, x, y)`: x (N,3,H,W) in [0,1], y (N,) long -> (scalar loss, (N,C) logits)
+        of the adversarial stain examples; `perturb_val` attacks with hed-10 at the full budget.
+
+    Example:
+        >>> import torch
+        >>> from histoshield import defenses
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x, y = torch.rand(4, 3, 8, 8) * 0.8 + 0.1, torch.tensor([0, 1, 0, 1])
+        >>> d = defenses.create("hed-at:a=0.1,b=0.1,steps=2,seed=0")
+        >>> d.spec, d.adversarial
+        ('hed-at:a=0.1,b=0.1,steps=2,seed=0', True)
+        >>> loss, logits = d.loss(model, x, y)
+        >>> loss.ndim, logits.shape
+        (0, torch.Size([4, 2]))
+    """
 
     name = "hed-at"
     adversarial = True
@@ -78,8 +106,35 @@ class HEDAdversarialTraining(TrainingDefense):
         return hed_examples(self, model, x, y, scale=1.0, steps=VAL_STEPS)
 
 
+@register
 class PGDHEDTraining(MultiStepDefense):
-    """PGD-AT on top of adversarial stain: PGD in the L∞ ball around the hed example."""
+    """PGD-AT on top of adversarial stain: PGD in the L∞ ball around the hed example.
+
+    Spec: `pgd-at+hed-at[:eps=E,a=A,b=B,steps=S,alpha=AL,seed=N,warmup=W]`.
+
+    Args:
+        eps (float, default 2/255): L∞ radius in pixel units, in (0, 1]; fractions work.
+        a (float, default 0.2): stain factor budget, alpha in [1-a, 1+a], in [0, 1].
+        b (float, default 0.2): stain shift budget, beta in [-b, b] optical density, in [0, 1].
+        steps (int, default 5): steps of both the hed attack and PGD per batch, >= 1.
+        alpha (float, default 2.5·eps/steps): PGD step size, > 0; scaled with the warm-up.
+        seed (int, default unset): a private RNG for this defense; unset = torch's global RNG.
+        warmup (int, default 2): epochs over which eps and the stain budget ramp up, >= 0.
+
+    Shape:
+        `loss(model, x, y)`: x (N,3,H,W) in [0,1], y (N,) long -> (scalar loss, (N,C) logits)
+        of PGD examples around the hed examples; `perturb_val` uses hed-10 then PGD-10.
+
+    Example:
+        >>> import torch
+        >>> from histoshield import defenses
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x, y = torch.rand(4, 3, 8, 8) * 0.8 + 0.1, torch.tensor([0, 1, 0, 1])
+        >>> d = defenses.create("pgd-at+hed-at:eps=2/255,a=0.1,b=0.1,steps=2,seed=0")
+        >>> loss, logits = d.loss(model, x, y)
+        >>> loss.ndim, logits.shape
+        (0, torch.Size([4, 2]))
+    """
 
     name = "pgd-at+hed-at"
     schema = {

@@ -14,8 +14,14 @@ switches the straight-through gradient off (zero gradient) — only to demonstra
 attack overstates robustness.
 
 Examples:
+    >>> import torch
+    >>> from histoshield import attacks
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    >>> x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
     >>> defended = wrap(model, "jpeg:quality=75")
     >>> x_adv = attacks.run("pgd", defended, x, y, eps=2/255)  # BPDA automatically
+    >>> x_adv.shape
+    torch.Size([2, 3, 8, 8])
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import nn
 
 from histoshield.defenses.spec import Param, canonical, parse_spec
 from histoshield.errors import HistoshieldError
+from histoshield.registry import Registry
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -95,6 +102,10 @@ class Purifier(nn.Module):
         return self.spec
 
 
+PURIFIERS: Registry[type[Purifier]] = Registry("purifier")  # each purifier registers below
+
+
+@PURIFIERS.register
 class JPEG(Purifier):
     """Real JPEG compression (PIL) per image; BPDA straight-through gradient."""
 
@@ -111,6 +122,7 @@ class JPEG(Purifier):
         return fn.apply(x, lambda t: jpeg_roundtrip(t, q))
 
 
+@PURIFIERS.register
 class Median(Purifier):
     """k×k median filter (differentiable almost everywhere: no BPDA needed)."""
 
@@ -122,6 +134,7 @@ class Median(Purifier):
         return median_filter(x, self.params["k"])
 
 
+@PURIFIERS.register
 class BitDepth(Purifier):
     """Quantise to 2**bits levels per channel; straight-through gradient."""
 
@@ -142,6 +155,7 @@ class BitDepth(Purifier):
         return fn.apply(x, quantise)
 
 
+@PURIFIERS.register
 class RandPad(Purifier):
     """Resize to a random size in [H, scale·H], zero-pad at a random offset to scale·H.
 
@@ -173,12 +187,9 @@ class RandPad(Purifier):
         return F.pad(y, (left, big_w - nw - left, top, big_h - nh - top))
 
 
-_PURIFIERS: dict[str, type[Purifier]] = {c.name: c for c in (JPEG, Median, BitDepth, RandPad)}
-
-
 def available() -> list[str]:
     """Names of the purifiers."""
-    return list(_PURIFIERS)
+    return PURIFIERS.names()
 
 
 def create(spec: str) -> nn.Sequential:
@@ -186,8 +197,8 @@ def create(spec: str) -> nn.Sequential:
     parts = [s for s in (spec or "").split("+")]
     mods = []
     for part in parts:
-        name, params = parse_spec(part, {k: c.schema for k, c in _PURIFIERS.items()}, "purifier")
-        mods.append(_PURIFIERS[name](params))
+        name, params = parse_spec(part, PURIFIERS.schemas(), "purifier")
+        mods.append(PURIFIERS[name](params))
     return nn.Sequential(*mods)
 
 

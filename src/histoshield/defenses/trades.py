@@ -7,6 +7,7 @@ x + 0.001·N(0, I), as in the authors' code. The inner maximisation has its own 
 the clean prediction, no labels), so it is written here rather than taken from `attacks`.
 ε ramps up over the first `warmup` epochs (see `defenses.base`); at ε = 0 the loss is the
 clean cross-entropy.
+Cost: `steps` + 3 forward and about `steps` + 2 backward passes per batch.
 
 BatchNorm: x_adv is crafted with the model in eval mode (restored afterwards); both forward
 passes of the loss run in train mode. The returned logits are those of the clean batch.
@@ -18,12 +19,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, MultiStepDefense, positive
+from histoshield.defenses.base import (
+    ALPHA,
+    EPS,
+    SEED,
+    WARMUP,
+    MultiStepDefense,
+    positive,
+    register,
+)
 from histoshield.defenses.spec import Param
 
 
+@register
 class TRADES(MultiStepDefense):
-    """TRADES: clean cross-entropy plus β times the KL between clean and adversarial outputs."""
+    """TRADES: clean cross-entropy plus β times the KL between clean and adversarial outputs.
+
+    Spec: `trades[:eps=E,beta=B,steps=S,alpha=A,seed=N,warmup=W]` (build it with
+    `defenses.create`).
+
+    Args:
+        eps (float, default 2/255): L∞ radius in pixel units, in (0, 1]; fractions work.
+        beta (float, default 6): weight β of the KL (robustness) term, >= 0; 0 = clean training.
+        steps (int, default 10): signed-gradient steps of the inner maximisation, >= 1.
+        alpha (float, default 2.5·eps/steps): inner step size, > 0; scaled with the warm-up.
+        seed (int, default unset): a private RNG for this defense; unset = torch's global RNG,
+            which the training loop seeds with the run's seed.
+        warmup (int, default 2): epochs over which eps ramps up linearly, >= 0 (0 = full eps
+            from the start; see `defenses.base`).
+
+    Shape:
+        `loss(model, x, y)`: x (N,3,H,W) in [0,1], y (N,) long -> (scalar loss, (N,C) logits).
+        The logits are those of the clean batch.
+
+    Example:
+        >>> import torch
+        >>> from histoshield import defenses
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+        >>> d = defenses.create("trades:eps=4/255,steps=3,seed=0")
+        >>> loss, logits = d.loss(model, x, y)
+        >>> clean = torch.nn.functional.cross_entropy(model(x), y)
+        >>> bool(loss >= clean - 1e-6), logits.shape  # β·KL >= 0 is added to the clean CE
+        (True, torch.Size([4, 2]))
+    """
 
     name = "trades"
     schema = {

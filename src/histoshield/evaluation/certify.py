@@ -1,5 +1,6 @@
 """Randomized-smoothing certification over a dataset: per-image rows, the certified-accuracy
-curve (fraction of images that are correct AND certified at radius ≥ r), a PNG and JSON.
+curve (fraction of images that are correct AND certified at radius ≥ r), JSON and CSV (its
+figure is drawn by `report.certify`).
 
 Radii are L2 norms in [0,1] pixel space (for an image of D = 3·H·W values, an L∞ perturbation
 of ε has L2 norm up to ε·√D).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from histoshield.errors import HistoshieldError
 
 DEFAULT_RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+Figures = Callable[[dict[str, Any], Path], dict[str, Path]]  # (result, out_dir) -> written files
 ROW_FIELDS = ("index", "label", "prediction", "radius", "correct", "abstained", "seconds")
 
 
@@ -121,42 +123,11 @@ def certified_accuracy(rows: Sequence[dict[str, Any]], radii: Sequence[float]) -
     return out
 
 
-def plot_certified(result: dict[str, Any], path: str | Path, *, label: str | None = None) -> Path:
-    """Certified accuracy against L2 radius (a step curve over the per-image radii), as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from histoshield.runtime import atomic_write
-
-    rows = result["rows"]
-    top = max([result.get("max_radius", 1.0)] + [r["radius"] for r in rows]) * 1.05 or 1.0
-    grid = np.linspace(0.0, top, 200)
-    curve = certified_accuracy(rows, grid)
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-    ax.step(
-        grid,
-        [c["certified_accuracy"] or 0.0 for c in curve],
-        where="post",
-        label=label or f"σ = {result['sigma']:g}",
-    )
-    ax.set_xlabel("L2 radius (pixel space, [0,1])")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(0, top)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    ax.set_title(f"Randomized smoothing (n={result['n']}, α={result['alpha']:g})", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda p: p.write_bytes(buf.getvalue()))
-
-
-def save_certify(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write certify.json, certify.csv (one row per image) and certified_accuracy.png."""
+def save_certify(
+    result: dict[str, Any], out_dir: str | Path, figures: Figures | None = None
+) -> dict[str, Path]:
+    """Write certify.json, certify.csv (one row per image) and `figures(result, out_dir)`'s
+    files (the CLI passes `report.certify.certify_figures`: certified_accuracy.png)."""
     from histoshield.runtime import write_json, write_text
 
     out = Path(out_dir)
@@ -164,11 +135,13 @@ def save_certify(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     w = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), extrasaction="ignore")
     w.writeheader()
     w.writerows(result["rows"])
-    return {
+    files = {
         "json": write_json(out / "certify.json", result),
         "csv": write_text(out / "certify.csv", buf.getvalue()),
-        "png": plot_certified(result, out / "certified_accuracy.png"),
     }
+    if figures is not None:
+        files.update(figures(result, out))
+    return files
 
 
 def certify_checkpoint(
@@ -188,6 +161,7 @@ def certify_checkpoint(
     out: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    figures: Figures | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint and a split subset, certify it, and write the report when `out` is set.
 
@@ -203,16 +177,17 @@ def certify_checkpoint(
     check_settings(n=n, n0=n0, alpha=alpha, batch=batch)  # before minutes of loading data
     if out is None:
         return _certify(checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed,
-                        device, None, progress)  # fmt: skip
+                        device, None, progress, None)  # fmt: skip
     from histoshield.runfolder import claim
 
     with claim(out, "certify", overwrite=overwrite):  # writable and ours, before computing
         return _certify(checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed,
-                        device, out, progress)  # fmt: skip
+                        device, out, progress, figures)  # fmt: skip
 
 
 def _certify(
-    checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed, device, out, progress
+    checkpoint, sigma, data, split, subset, limit, n0, n, alpha, batch, seed, device, out, progress,
+    figures,
 ) -> dict[str, Any]:
     from histoshield.evaluation.predict import degenerate_check, load_eval_data
 
@@ -250,7 +225,7 @@ def _certify(
         paths=[str(r.path) for r in ev.records],
     )
     if out is not None:
-        result["files"] = {k: str(v) for k, v in save_certify(result, out).items()}
+        result["files"] = {k: str(v) for k, v in save_certify(result, out, figures).items()}
     return result
 
 

@@ -185,11 +185,11 @@ def describe(atk: Any) -> str:
     parts = getattr(atk, "components", None)
     if parts:
         return f"worst case of {' → '.join(parts)}, {steps} steps, {queries} queries (strongest)"
-    if not getattr(atk, "gradient_based", True):
-        return f"{title}, {queries} queries (black box)" if queries else f"{title} (black box)"
     if getattr(atk, "norm", None) == STAIN:
         search = "random search" if getattr(atk, "random_search", False) else "gradient"
         return f"{title} stain, {steps} steps × {getattr(atk, 'restarts', 1)} ({search})"
+    if atk.black_box:
+        return f"{title}, {queries} queries (black box)" if queries else f"{title} (black box)"
     if steps is None:
         return f"{title}, single step (weak)"
     restarts = getattr(atk, "restarts", 1) or 1

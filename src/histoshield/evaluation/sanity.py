@@ -29,9 +29,6 @@ UPPER_BOUND = "robust accuracies measured with this attack are upper bounds, not
 NOISE_MAX_FRACTION = 0.5  # noise may do at most half the attack's accuracy drop
 PROBE = 64  # images used by the extra attacks the checks run
 
-ITERATIVE_LINF = {"bim", "pgd", "mifgsm", "apgd-ce", "apgd-margin", "autoattack-binary"}
-
-
 def _check(name: str, passed: bool, detail: str, **extra: Any) -> dict[str, Any]:
     out = {"check": name, "passed": bool(passed), "detail": detail if passed else MASKING + detail}
     return {**out, **extra}
@@ -182,13 +179,13 @@ def run_checks(
     idx = idx[:PROBE]
     xp, yp = x[idx], y[idx]
     n = len(yp)
-    cls = REGISTRY[attack.strip().lower().replace("_", "-")]
+    cls = REGISTRY.get(attack)
     common = {"target": target_i, "classes": classes, "seed": seed, "batch_size": batch_size}
     eps_max = max(r["eps"] for r in rows)
     clean = _accuracy(model, xp, yp, batch_size)
     checks = [check_monotone(rows)]
 
-    if cls.gradient_based:
+    if not cls.black_box:
         # The attack's own loss (e.g. pgd:loss=ce, or apgd-ce's CE) is what both checks test.
         atk = create(attack, model, **{**params, **common})
         checks.append(check_gradients(model, xp, yp))
@@ -197,14 +194,14 @@ def run_checks(
 
     if (
         cls.norm == "linf"
-        and attack != "square"
+        and not cls.black_box
         and not (
             cls.supports_targeted is False and target_i is not None and len(classes or []) != 2
         )
     ):
         # FGSM vs an iterative attack at each eps: FGSM winning means the loss surface misleads
         # small steps (a classic masking symptom). For FGSM itself, BIM-10 is the comparison.
-        iterative = attack if attack in ITERATIVE_LINF else "bim"
+        iterative = attack if cls.iterative else "bim"
         it_params = params if iterative == attack else {"steps": 10}
         bad, seen = [], 0
         for eps in sorted({r["eps"] for r in rows if r["eps"] > 0}):

@@ -13,6 +13,7 @@ from histoshield.errors import HistoshieldError
 from histoshield.models import weights as W
 from histoshield.models.stain import METHODS
 from histoshield.models.wrapper import HistoModel, check_image_size
+from histoshield.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +41,19 @@ def _affine(scale: float, shift: float) -> tuple[tuple, tuple]:
 # architecture that `weights` implies without reading any file: that is how load_checkpoint
 # rebuilds a model whose pretrained weights are not on this machine.
 Builder = Callable[[str, int, bool], Built]
+
+# Builders register themselves with the weights keywords they accept (a local file always is).
+MODELS: Registry[Builder] = Registry("model", normalise_names=False)
+
+
+def register_model(name: str, weights: tuple[str, ...]) -> Callable[[Builder], Builder]:
+    """Decorator: register a builder as model `name`, accepting these weights keywords."""
+
+    def add(build: Builder) -> Builder:
+        build.weights = weights  # type: ignore[attr-defined]
+        return MODELS.register(build, name=name)
+
+    return add
 
 
 def _local(weights: str) -> Path | None:
@@ -72,6 +86,7 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
+@register_model("smallcnn", ("none",))
 def _smallcnn(weights: str, num_classes: int, pretrained: bool) -> Built:
     _allow("smallcnn", weights, ("none",), pretrained)
     net = SmallCNN(num_classes)
@@ -105,6 +120,7 @@ def _torchvision(
     return build
 
 
+@register_model("densenet121", ("xrv", "imagenet", "none"))
 def _densenet121(weights: str, num_classes: int, pretrained: bool) -> Built:
     if weights != "xrv":
         keywords = ("xrv", "imagenet", "none")
@@ -128,6 +144,7 @@ def _densenet121(weights: str, num_classes: int, pretrained: bool) -> Built:
     return Built(net, *_affine(2048.0, -1024.0))  # xrv: [0,1] -> [-1024, 1024]
 
 
+@register_model("efficientnet_lite0", ("imagenet", "none"))
 def _efficientnet_lite0(weights: str, num_classes: int, pretrained: bool) -> Built:
     import timm
 
@@ -169,19 +186,12 @@ def _timm(model_name: str) -> Builder:
     return build
 
 
-REGISTRY: dict[str, Builder] = {
-    "smallcnn": _smallcnn,
-    "densenet121": _densenet121,
-    "efficientnet_lite0": _efficientnet_lite0,
-    "resnet18": _torchvision("resnet18", "ResNet18_Weights", "fc"),
-    "resnet50": _torchvision("resnet50", "ResNet50_Weights", "fc"),
-}
+register_model("resnet18", ("imagenet", "none"))(_torchvision("resnet18", "ResNet18_Weights", "fc"))
+register_model("resnet50", ("imagenet", "none"))(_torchvision("resnet50", "ResNet50_Weights", "fc"))
+REGISTRY = MODELS
+# name -> accepted `weights` values, for help texts and errors
 WEIGHTS: dict[str, tuple[str, ...]] = {
-    "smallcnn": ("none", "<path>"),
-    "densenet121": ("xrv", "imagenet", "none", "<path>"),
-    "efficientnet_lite0": ("imagenet", "none", "<path>"),
-    "resnet18": ("imagenet", "none", "<path>"),
-    "resnet50": ("imagenet", "none", "<path>"),
+    **{name: (*b.weights, "<path>") for name, b in MODELS.items()},  # type: ignore[attr-defined]
     "timm:<name>": ("none", "<path>"),
 }
 
@@ -204,7 +214,7 @@ def _allow(name: str, weights: str, keywords: tuple[str, ...], pretrained: bool)
 
 def available() -> list[str]:
     """Model names `create` accepts (`timm:<name>` stands for any timm model)."""
-    return [*REGISTRY, "timm:<name>"]
+    return [*MODELS.names(), "timm:<name>"]
 
 
 def builder(name: str) -> Builder:
@@ -213,9 +223,9 @@ def builder(name: str) -> Builder:
         raise HistoshieldError(f"model name must be a string, got {name!r}")
     if name.startswith("timm:") and len(name) > 5:
         return _timm(name[5:])
-    if name not in REGISTRY:
+    if name not in MODELS:
         raise HistoshieldError(f"unknown model {name!r}: use one of {', '.join(available())}")
-    return REGISTRY[name]
+    return MODELS[name]
 
 
 def resolve_classes(num_classes: int, classes: Sequence[str] | None) -> list[str]:

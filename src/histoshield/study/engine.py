@@ -1,0 +1,201 @@
+"""The stage engine: run the stages in order, record each atomically, resume, refuse
+another study's folder."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from histoshield.config import StudyConfig, dump_config
+from histoshield.errors import HistoshieldError
+from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
+from histoshield.study.certify import stage_certify
+from histoshield.study.context import RESULTS, STATE, Context, Stage
+from histoshield.study.report import stage_report
+from histoshield.study.robustness import stage_curves, stage_transfer
+from histoshield.study.sanity import stage_sanity
+from histoshield.study.settings import (
+    GAUSSIAN,
+    ORIGINAL,
+    check_study_config,
+    config_changes,
+    defense_slugs,
+    gaussian_spec,
+    previous_config,
+)
+from histoshield.study.shared import read_json
+from histoshield.study.stain import stage_stain
+from histoshield.study.tables import stage_clean, stage_table3
+from histoshield.study.train import stage_split, stage_train
+
+
+def build_stages(cfg: StudyConfig) -> list[Stage]:
+    """The ordered stages this config runs."""
+    stages = [
+        Stage("split", stage_split),
+        Stage("train_original", lambda c: stage_train(c, ORIGINAL, None)),
+        Stage("train_gaussian", lambda c: stage_train(c, GAUSSIAN, gaussian_spec(c.cfg))),
+    ]
+    for slug, spec in zip(defense_slugs(cfg), cfg.extra_defenses, strict=True):
+        stages.append(Stage(f"train_{slug}", lambda c, s=slug, d=spec: stage_train(c, s, d)))
+    stages += [
+        Stage("clean", stage_clean),
+        Stage("table3", stage_table3),
+        Stage("curves", stage_curves),
+    ]
+    if cfg.stain_attacks:
+        stages.append(Stage("stain", stage_stain))
+    if cfg.transfer:
+        stages.append(Stage("transfer", stage_transfer))
+    if cfg.certify.enabled:
+        stages.append(Stage("certify", stage_certify))
+    if cfg.sanity:
+        stages.append(Stage("sanity", stage_sanity))
+    stages.append(Stage("report", stage_report))
+    return stages
+
+
+def _config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Merge stage results: dicts merge recursively (e.g. `models`), everything else replaces."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+OWNED = (
+    "state.json",
+    "results.json",
+    "config.yaml",
+    "env.json",
+    "split.csv",
+    "report.md",
+    "report.html",
+    "certify.json",
+    "figures",
+    "examples",
+)
+
+
+def _clear(out: Path, cfg: StudyConfig) -> None:
+    """Remove what a previous study wrote in `out` (and nothing else)."""
+    for name in (*OWNED, ORIGINAL, GAUSSIAN, *defense_slugs(cfg)):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every stage of the study into `out`; returns the final results.json."""
+    from histoshield.runfolder import claim
+
+    check_study_config(cfg)  # a typo in an attack or defense fails now, not after training
+    out = Path(out).expanduser().resolve()
+    with claim(out, "study", resume=resume, overwrite=overwrite):
+        return _run_study(
+            cfg, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo
+        )
+
+
+def _run_study(
+    cfg: StudyConfig,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    say = echo or (print if progress else _stderr)  # a kept-stages note shows even when quiet
+    echo = echo or (print if progress else (lambda s: None))
+    cfg_text = dump_config(cfg)
+    state_path = out / STATE
+    if state_path.is_file() and not resume:
+        if not overwrite:
+            raise HistoshieldError(
+                f"{out} already holds a study: pass --resume to continue it, --overwrite to "
+                "start again, or choose another --out"
+            )
+        _clear(out, cfg)
+    if resume and state_path.is_file():
+        state = read_json(state_path)
+        if state.get("config_sha256") != _config_digest(cfg_text):
+            _accept_changed_config(out, cfg, state, say)
+        results = read_json(out / RESULTS) if (out / RESULTS).is_file() else {}
+    else:
+        state = {"finished": [], "config_sha256": _config_digest(cfg_text)}
+        results = {}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", cfg_text)
+    device = pick_device(cfg.train.device)
+    env = environment(device)
+    write_json(out / "env.json", env)
+    results.update(name=cfg.name, config=cfg.model_dump(mode="json"), env=env)
+    results.setdefault("timings", {})
+    ctx = Context(cfg, out, results, device, progress, echo)
+    stages = build_stages(cfg)
+    for i, stage in enumerate(stages):
+        if stage.name in state["finished"]:
+            continue
+        echo(f"[{i + 1}/{len(stages)}] {stage.name}")
+        seed_everything(cfg.seed)
+        t0 = time.perf_counter()
+        new = stage.fn(ctx) or {}
+        _merge(results, new)
+        results["timings"][stage.name] = round(time.perf_counter() - t0, 3)
+        results["total_seconds"] = round(sum(results["timings"].values()), 3)
+        write_json(out / RESULTS, results)
+        state["finished"].append(stage.name)
+        write_json(state_path, state)  # after results: a stage counts only once its numbers exist
+    if "report" in state["finished"]:
+        # the report stage ran before the final timing was known: refresh it with every stage
+        from histoshield.report import build_report
+
+        build_report(out)
+    echo(f"report: {out / 'report.html'}")
+    return results
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
+def _accept_changed_config(
+    out: Path, cfg: StudyConfig, state: dict[str, Any], echo: Callable[[str], None]
+) -> None:
+    """Resume with a config that differs only in keys no finished stage used (else refuse)."""
+    old = previous_config(out)
+    if old is None:
+        raise HistoshieldError(
+            f"{out} holds a study with a different config ({out / 'config.yaml'}): resume "
+            "with the same settings, or use --overwrite / another --out"
+        )
+    try:
+        changed = config_changes(old, cfg, state["finished"])
+    except HistoshieldError as e:
+        raise HistoshieldError(f"cannot resume {out}: {e}") from None
+    state["finished"] = [s for s in state["finished"] if s != "report"]  # rebuilt at the end
+    state["config_sha256"] = _config_digest(dump_config(cfg))
+    kept = ", ".join(state["finished"]) or "none"
+    echo(f"resuming with a changed config ({', '.join(changed)}): kept finished stages {kept}")

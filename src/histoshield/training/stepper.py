@@ -1,0 +1,82 @@
+"""One optimisation step and one evaluation pass (AMP, DDP or explicit gradient sync)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoshield.training import distributed as D
+
+
+def to_float(xb: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = xb.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class Stepper:
+    """One optimisation step and one evaluation pass, shared by `train` and the benchmark."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        amp: bool = True,
+        defense: Any = None,
+        ctx: D.DistContext | None = None,
+        class_weight: torch.Tensor | None = None,
+    ) -> None:
+        self.raw = model
+        self.class_weight = None if class_weight is None else class_weight.to(device)
+        self.opt = opt
+        self.device = device
+        self.defense = defense
+        self.ctx = ctx or D.DistContext(device=device)
+        self.channels_last = device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels
+        self.amp_dtype: torch.dtype | None = None
+        if amp and device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and device.type == "cuda"
+        )
+        self.manual_sync = False
+        self.model: nn.Module = model
+        if self.ctx.distributed:
+            D.broadcast_parameters(model, self.ctx)
+            if defense is None:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                ids = [device.index] if device.type == "cuda" else None
+                self.model = DDP(model, device_ids=ids)
+            else:
+                self.manual_sync = True
+
+    def autocast(self):
+        """Mixed precision on CUDA (bf16 when supported, else fp16); a no-op on CPU."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on float images x; returns (loss, logits) detached."""
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            if self.defense is not None:
+                loss, logits = self.defense.loss(self.model, x, y)
+            else:
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y, weight=self.class_weight)
+        self.scaler.scale(loss).backward()
+        if self.manual_sync:
+            D.sync_gradients(self.raw, self.ctx)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.detach(), logits.detach()
