@@ -93,6 +93,5 @@ class ColorRandom(ColorJitter):
     """
 
     name = "color-random"
-    random_search = True
+    random_search = True  # no gradients, but no query budget either: not `black_box`
     iterative = False
-    black_box = True

@@ -111,6 +111,5 @@ class HEDRandom(HED):
     """
 
     name = "hed-random"
-    random_search = True
+    random_search = True  # no gradients, but no query budget either: not `black_box`
     iterative = False
-    black_box = True
