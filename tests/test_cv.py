@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -275,3 +276,29 @@ def test_attack_rows_end_with_the_per_image_worst_case_over_all_attacks() -> Non
         with torch.no_grad():
             ok &= model(adv).argmax(1) == y
     assert wc["adv_correct"] == int(ok.sum()) and wc["n"] == len(y)
+
+
+def test_cv_trains_the_configs_defense_and_attacks_in_stain_space(tmp_path: Path, cache_env):
+    cfg = {
+        "name": "cv-hed-at",
+        "seed": 0,
+        "data": "synthetic:n=96,size=32,seed=4",
+        "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16,
+                  "defense": "hed-at:a=0.1,b=0.1,steps=1,warmup=0"},
+        "cv": {"folds": 2, "attacks": ["hed:a=0.1,b=0.1,steps=2"], "only": None},
+    }  # fmt: skip
+    p = tmp_path / "cv.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    tcfg, cv = CV.resolve_cv_config(p)
+    res = CV.run_cv(tcfg, cv, tmp_path / "run", progress=False)
+    for k in range(2):
+        train = json.loads((tmp_path / "run" / f"fold_{k}" / "train" / "results.json").read_text())
+        assert train["selected_by"] == "val_bal_robust_acc"  # selected under the stain attack
+        with open(tmp_path / "run" / f"fold_{k}" / "train" / "metrics.csv", newline="") as f:
+            assert [float(r["train_eps"]) for r in csv.DictReader(f)] == [0.1, 0.1]
+    (row,) = res["folds"][0]["robustness"]
+    assert row["attack"] == "hed:a=0.1,b=0.1,steps=2"
+    assert 0 <= row["balanced_adversarial_accuracy"] <= 1
+    assert row["eps_255"] is None  # its budget is the spec's a, b, not cv.eps
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| hed:a=0.1,b=0.1,steps=2 | stain (spec) |" in report

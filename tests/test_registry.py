@@ -51,7 +51,7 @@ def test_attack_capabilities_are_consistent_attributes(name: str) -> None:
     cls = attacks.REGISTRY.get(name)
     caps = {c: getattr(cls, c) for c in ("iterative", "black_box", "randomized", "minimum_norm")}
     assert all(isinstance(v, bool) for v in caps.values()), caps
-    assert cls.norm in ("linf", "l2", None)
+    assert cls.norm in ("linf", "l2", "stain", None)
     params = attacks.accepted_params(name)
     if cls.randomized:  # a randomized attack's result is a function of its seed
         assert "seed" in params

@@ -31,6 +31,8 @@ TINY = {
     "train": {"model": "smallcnn", "image_size": 32, "epochs": 2, "batch_size": 16},
     "curve_eps": [0, "4/255"],
     "curve_attacks": ["fgsm", "pgd:steps=3"],
+    "stain_attacks": ["hed:steps=2", "hed-random:steps=2"],
+    "stain_eps": [0, 0.1],
     "certify": {"n0": 10, "n": 40, "limit": 8},
     "batch_size": 32,
 }
@@ -110,8 +112,19 @@ def test_study_writes_report_with_the_papers_tables(tiny_run: Path) -> None:
     assert table_rows(md, "Transfer attacks")[0][:2] == ["original", "gaussian"]
     assert "## Sanity-check warnings" in md and results["sanity"]
     assert "## Methods" in md and "The paper does not report its eps" in md
-    # figures 4, 5, 6, curves, certified and one Grad-CAM panel per model
-    assert page.count('src="data:image/png;base64,') == 7
+    # the stain section: every model × stain attack, budgets labelled as stain, not /255
+    stain = table_rows(md, "Stain-space attacks: accuracy [95% CI] (balanced) per stain budget")
+    assert {(r[0], r[1]) for r in stain} == {
+        (m, a) for m in ("original", "gaussian")
+        for a in (*TINY["stain_attacks"], "worst case (stain)")
+    }  # fmt: skip
+    assert "| stain 0 | stain 0.1 |" in md
+    rows = results["stain"]["rows"]
+    assert {r["norm"] for r in rows} == {"stain"} and {r["eps"] for r in rows} == {0.0, 0.1}
+    checks = {c["check"] for c in results["stain"]["sanity"]}
+    assert {"accuracy_non_increasing", "optimised_at_least_random"} <= checks
+    # figures 4, 5, 6, curves, stain curves, certified and one Grad-CAM panel per model
+    assert page.count('src="data:image/png;base64,') == 8
     assert "<h2>Grad-CAM evidence (clean vs adversarial)</h2>" in page
     for name in ("original", "gaussian"):
         assert (tiny_run / "figures" / f"gradcam_{name}.png").is_file()
@@ -170,7 +183,7 @@ def test_kill_during_training_then_resume_equals_uninterrupted(
     with pytest.raises(KeyboardInterrupt):
         S.run_study(cfg, out, resume=True, progress=False)
     state = json.loads((out / "state.json").read_text())
-    assert state["finished"][-1] == "curves" and "transfer" not in state["finished"]
+    assert state["finished"][-1] == "stain" and "transfer" not in state["finished"]
     monkeypatch.setattr(E, "stage_transfer", real_transfer)
 
     S.run_study(cfg, out, resume=True, progress=False)
@@ -227,6 +240,17 @@ def test_config_errors_are_one_line() -> None:
         S.load_study_config(None, table3_eps="2/0")
     with pytest.raises(HistoshieldError, match="bad attack spec"):
         S.parse_attack_spec("pgd:steps")
+    with pytest.raises(HistoshieldError, match="stain_eps values are stain budgets in"):
+        S.load_study_config(None, stain_eps=[0, 1.5])
+    base = StudyConfig(**TINY)
+    for key, value, hint in [
+        ("stain_attacks", ["pgd:steps=2"], "'pgd' belongs in curve_attacks/extra_attacks"),
+        ("curve_attacks", ["hed:steps=2"], "'hed' belongs in stain_attacks"),
+        ("stain_attacks", ["hed:a=2"], "a=2 must be in [0, 1]"),
+    ]:
+        with pytest.raises(HistoshieldError, match=None) as e:
+            S.check_study_config(base.model_copy(update={key: value}))
+        assert hint in str(e.value) and key in str(e.value) and "\n" not in str(e.value)
     assert S.parse_attack_spec("pgd:steps=10,eps=2/255,rand=false") == (
         "pgd",
         {"steps": 10, "eps": 2 / 255, "rand": False},

@@ -308,7 +308,9 @@ def attack_cmd(
     attack: str = typer.Option(
         "fgsm", "--attack", "-a", help="fgsm, pgd:loss=ce, autoattack-binary…"
     ),
-    eps: str = typer.Option("0,1/255,2/255,4/255,8/255", "--eps", help="Pixel units: 8/255,…"),
+    eps: str | None = typer.Option(
+        None, "--eps", help="Pixel units: 0,1/255,...,8/255 (default); stain attacks: 0,...,0.2."
+    ),
     steps: int | None = typer.Option(None, "--steps", help="Iterations (iterative attacks)."),
     alpha: str | None = typer.Option(None, "--alpha", help="Step size, e.g. 1/255."),
     restarts: int | None = typer.Option(None, "--restarts", help="Random restarts."),

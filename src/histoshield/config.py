@@ -238,6 +238,12 @@ class StudyConfig(Strict):
     )
     extra_attacks: list[str] = Field(default_factory=list)
     extra_defenses: list[str] = Field(default_factory=list)
+    # Stain-space attacks (docs/stain.md) over stain budgets (a = b = eps, not pixel units);
+    # an empty list skips the study's stain stage.
+    stain_attacks: list[str] = Field(
+        default_factory=lambda: ["hed:steps=10", "hed-random:steps=10"]
+    )
+    stain_eps: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2])
     transfer: bool = True
     certify: CertifyConfig = Field(default_factory=CertifyConfig)
     sanity: bool = True
@@ -249,6 +255,21 @@ class StudyConfig(Strict):
     @classmethod
     def _one_eps(cls, v: Any) -> Any:
         return parse_eps_value(v)
+
+    @field_validator("stain_eps", mode="before")
+    @classmethod
+    def _stain_eps(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s for s in v.split(",") if s.strip()]
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError("stain_eps must be a non-empty list such as [0, 0.1, 0.2]")
+        try:
+            out = sorted({float(parse_number(e, "stain_eps")) for e in v})
+        except HistoshieldError:  # pydantic validators report ValueErrors
+            raise ValueError(f"stain_eps {v!r} must be numbers such as [0, 0.1, 0.2]") from None
+        if out[0] < 0 or out[-1] > 1:
+            raise ValueError("stain_eps values are stain budgets in [0, 1], e.g. [0, 0.1, 0.2]")
+        return out
 
     @field_validator("curve_eps", mode="before")
     @classmethod

@@ -209,12 +209,14 @@ def attack_rows(
         return {
             "attack": attack,
             "eps": cv.eps,
-            "eps_255": round(cv.eps * 255, 4),
+            # a stain attack's budget is its spec's a, b (e.g. hed:a=0.2,b=0.2), not cv.eps
+            "eps_255": None if r.get("norm") == "stain" else round(cv.eps * 255, 4),
             "only": cv.only,
             "n": r["n"],
             "clean_correct": r["clean_correct"],
             "adv_correct": r["adv_correct"],
             "adversarial_accuracy": r["adversarial_accuracy"],
+            "balanced_adversarial_accuracy": r.get("balanced_adversarial_accuracy"),
         }
 
     rows, outcomes = [], []
@@ -267,7 +269,13 @@ def _run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
         res = _read_json(run / "results.json")
         _barrier(dist)
     else:
-        res = train(fcfg, run, resume=(run / "last.pt").is_file(), progress=ctx["progress"])
+        defense = None
+        if fcfg.defense:  # as `histoshield train` does: the train config's defense is trained
+            from histoshield.defenses import create as create_defense
+
+            defense = create_defense(fcfg.defense)
+        res = train(fcfg, run, resume=(run / "last.pt").is_file(), defense=defense,
+                    progress=ctx["progress"])  # fmt: skip
         _barrier(dist)  # rank 0 has written best.pt and results.json
         if not main:  # DDP training returns its results on rank 0 only
             res = _read_json(run / "results.json")

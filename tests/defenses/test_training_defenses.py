@@ -43,7 +43,7 @@ def test_spec_parsing(spec, canonical, expected):
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("mixup", "choose one of fgsm-rs, gaussian, pgd-at, trades"),
+        ("mixup", "choose one of fgsm-rs, gaussian, hed-at, pgd-at, pgd-at+hed-at, trades"),
         ("gaussian:sgma=0.1", "valid parameters are sigma, clean_fraction, seed"),
         ("gaussian:sigma=-0.1", "sigma must be > 0"),
         ("gaussian:clean_fraction=1", "clean_fraction must be in [0, 1)"),

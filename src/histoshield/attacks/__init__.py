@@ -3,6 +3,8 @@
 `run(name, model, images, labels, **params) -> adv_images` is the one entry point; `create`
 builds the attack object behind it. eps is in pixel units (parse '8/255' with `parse_eps`).
 fgsm, bim, pgd, pgd-l2 and mifgsm take `loss="margin"` (default, never saturates) or "ce".
+Stain attacks (`hed`, `color` and their random-search baselines `hed-random`, `color-random`)
+have `norm = "stain"`: their eps is a stain budget (0.2 = ±20%), not pixel units.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from histoshield.attacks.base import (
     resolve_class,
 )
 from histoshield.attacks.bim import BIM
+from histoshield.attacks.color_jitter import ColorJitter, ColorRandom
 from histoshield.attacks.cw import CWL2
 from histoshield.attacks.deepfool import DeepFool
 from histoshield.attacks.fab import FAB
 from histoshield.attacks.fgsm import FGSM
+from histoshield.attacks.hed import HED, HEDRandom
 from histoshield.attacks.mifgsm import MIFGSM
 from histoshield.attacks.pgd import PGD
 from histoshield.attacks.pgd_l2 import PGDL2
@@ -51,6 +55,10 @@ __all__ = [
     "PGD",
     "PGDL2",
     "Square",
+    "HED",
+    "HEDRandom",
+    "ColorJitter",
+    "ColorRandom",
     "LOSSES",
     "Attack",
     "attack_loss",

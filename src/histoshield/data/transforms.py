@@ -19,6 +19,11 @@ RGB_FROM_HED = torch.tensor(
 )
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 _LOG_ADJUST = -math.log(1e-6)  # skimage's scaling, so our stain values equal rgb2hed's
+# YIQ (NTSC) luma/chroma: a hue shift is a rotation of the (I, Q) chroma plane.
+_YIQ_FROM_RGB = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+)
+_RGB_FROM_YIQ = torch.linalg.inv(_YIQ_FROM_RGB)
 
 
 def rgb_to_hed(x: torch.Tensor, *, clip: bool = True) -> torch.Tensor:
@@ -38,6 +43,56 @@ def hed_to_rgb(s: torch.Tensor) -> torch.Tensor:
     m = RGB_FROM_HED.to(s.device, s.dtype)
     log_rgb = -torch.einsum("nchw,cd->ndhw", s * _LOG_ADJUST, m)
     return torch.exp(log_rgb).clamp(0, 1)
+
+
+def hed_transform(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Per image and stain s' = alpha·s + beta in H, E, DAB, back to RGB (differentiable).
+
+    `alpha`, `beta` are (N,3). beta is in optical-density units (natural log, as Ruifrok &
+    Johnston, Tellez et al. and REET use), i.e. rgb2hed's values times ln(10^6): beta = 0.2
+    adds a uniform layer of that stain which lets exp(-0.2 · its RGB vector) of the light
+    through. alpha = 1, beta = 0 is the identity (up to float error).
+    """
+    n = x.shape[0]
+    hed = rgb_to_hed(x, clip=False)
+    a = alpha.to(x).view(n, 3, 1, 1)
+    b = beta.to(x).view(n, 3, 1, 1) / _LOG_ADJUST
+    return hed_to_rgb(hed * a + b)
+
+
+def color_transform(
+    x: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    hue: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-image brightness/contrast/saturation factors (N,) and a hue shift in turns (N,).
+
+    Brightness multiplies RGB, contrast scales around the mean grey level, saturation around
+    each pixel's grey, hue rotates the YIQ chroma plane by 2π·hue; clipped to [0,1] after each.
+    All factors 1 and hue 0 is the identity. Differentiable except where clipping is active.
+    """
+    n = x.shape[0]
+    b, c, s = (v.to(x).view(n, 1, 1, 1) for v in (brightness, contrast, saturation))
+    x = (x * b).clamp(0, 1)
+    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    gray = (x * w).sum(1, keepdim=True)
+    x = (x - gray.mean((2, 3), keepdim=True)) * c + gray.mean((2, 3), keepdim=True)
+    x = x.clamp(0, 1)
+    gray = (x * w).sum(1, keepdim=True)
+    x = (gray + (x - gray) * s).clamp(0, 1)
+    if hue is None:
+        return x
+    theta = 2 * math.pi * hue.to(x)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rot = torch.stack(
+        [torch.stack([one, zero, zero], -1), torch.stack([zero, cos, -sin], -1),
+         torch.stack([zero, sin, cos], -1)], -2,
+    )  # fmt: skip
+    m = _RGB_FROM_YIQ.to(x) @ rot @ _YIQ_FROM_RGB.to(x)  # (N,3,3)
+    return torch.einsum("nij,njhw->nihw", m, x).clamp(0, 1)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -109,17 +164,10 @@ class Augment:
         n, s = x.shape[0], self.cfg.hed_sigma
         alpha = _uniform(n * 3, 1 - s, 1 + s, g).view(n, 3, 1, 1).to(x.device, x.dtype)
         beta = _uniform(n * 3, -s, s, g).view(n, 3, 1, 1).to(x.device, x.dtype)
-        hed = rgb_to_hed(x, clip=False)
-        return hed_to_rgb(hed * alpha + beta)
+        # hed_sigma's beta is in rgb2hed's units (OD / ln 10^6); kept so configs mean the same
+        return hed_transform(x, alpha.view(n, 3), beta.view(n, 3) * _LOG_ADJUST)
 
     def _jitter(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, j = x.shape[0], self.cfg.color_jitter
-        b, c, s = (_uniform(n, 1 - j, 1 + j, g).view(n, 1, 1, 1).to(x.device, x.dtype)
-                   for _ in range(3))  # fmt: skip
-        x = (x * b).clamp(0, 1)
-        w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        gray = (x * w).sum(1, keepdim=True)
-        x = (x - gray.mean((2, 3), keepdim=True)) * c + gray.mean((2, 3), keepdim=True)
-        x = x.clamp(0, 1)
-        gray = (x * w).sum(1, keepdim=True)
-        return (gray + (x - gray) * s).clamp(0, 1)
+        b, c, s = (_uniform(n, 1 - j, 1 + j, g).to(x.device, x.dtype) for _ in range(3))
+        return color_transform(x, b, c, s)

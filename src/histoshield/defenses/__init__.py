@@ -1,7 +1,8 @@
 """Defenses, grouped by when they act.
 
 Training-time (`create(spec)`): `gaussian` (the paper's noise training), `pgd-at` (Madry),
-`trades`, `fgsm-rs` (fast AT with the catastrophic-overfitting guard). Inference-time:
+`trades`, `fgsm-rs` (fast AT with the catastrophic-overfitting guard), `hed-at` (adversarial
+stain training, REET-style) and `pgd-at+hed-at` (PGD around the adversarial stain). Inference-time:
 `purify.wrap(model, spec)` (JPEG, median, bit depth with BPDA gradients). Certification:
 `smoothing.Smoothed` (randomized smoothing, Cohen et al. 2019).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 from histoshield.defenses.base import REGISTRY, TrainingDefense
 from histoshield.defenses.fgsm_rs import FGSMRandomStart
 from histoshield.defenses.gaussian import GaussianNoise
+from histoshield.defenses.hed_at import HEDAdversarialTraining, PGDHEDTraining
 from histoshield.defenses.pgd_at import PGDAdversarialTraining
 from histoshield.defenses.spec import parse_spec
 from histoshield.defenses.trades import TRADES
@@ -26,7 +28,9 @@ __all__ = [
     "TRADES",
     "FGSMRandomStart",
     "GaussianNoise",
+    "HEDAdversarialTraining",
     "PGDAdversarialTraining",
+    "PGDHEDTraining",
     "TrainingDefense",
     "available",
     "create",

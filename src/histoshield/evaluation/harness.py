@@ -83,7 +83,7 @@ class ResultRow:
     description: str  # what the attack is, in words: "FGSM, single step (weak)"
     params: dict[str, Any]
     eps: float
-    eps_255: float
+    eps_255: float | None  # None for a stain budget (norm "stain")
     norm: str | None
     n: int
     clean_correct: int
@@ -140,7 +140,7 @@ class WorstCase:
     """Robust accuracy at one eps: an image is robust only if every attack failed on it."""
 
     eps: float
-    eps_255: float
+    eps_255: float | None  # None for a stain budget
     attacks: list[str]
     n: int
     clean_correct: int
@@ -159,9 +159,18 @@ class WorstCase:
         return d
 
 
-def eps_255(eps: float) -> float:
-    """eps in grey levels, rounded so that 2/255 is stored as 2.0 rather than 1.9999999."""
-    return round(float(eps) * 255.0, 4)
+STAIN = "stain"  # the `norm` of stain-space attacks: their eps is a stain budget, not pixels
+
+
+def eps_255(eps: float, norm: str | None = None) -> float | None:
+    """eps in grey levels, rounded so that 2/255 is stored as 2.0 rather than 1.9999999;
+    None for a stain budget, which is no pixel distance."""
+    return None if norm == STAIN else round(float(eps) * 255.0, 4)
+
+
+def budget_label(eps: float, norm: str | None = None) -> str:
+    """How reports write one budget: '2/255' for pixel attacks, 'stain 0.2' (a = b = 0.2)."""
+    return f"stain {float(eps):g}" if norm == STAIN else f"{float(eps) * 255:g}/255"
 
 
 def _ci(k: int, n: int) -> list[float] | None:
@@ -180,6 +189,9 @@ def describe(atk: Any) -> str:
     parts = getattr(atk, "components", None)
     if parts:
         return f"worst case of {' → '.join(parts)}, {steps} steps, {queries} queries (strongest)"
+    if getattr(atk, "norm", None) == STAIN:
+        search = "random search" if getattr(atk, "random_search", False) else "gradient"
+        return f"{title} stain, {steps} steps × {getattr(atk, 'restarts', 1)} ({search})"
     if atk.black_box:
         return f"{title}, {queries} queries (black box)" if queries else f"{title} (black box)"
     if steps is None:
@@ -199,9 +211,10 @@ def check_attack(
     batch_size: int = 32,
     model: nn.Module | None = None,
     **kwargs: Any,
-) -> None:
+) -> Any:
     """Fail fast, before any image is decoded or attacked, on a bad attack name, parameter,
-    eps or batch size (a stand-in model when the real one is not loaded yet)."""
+    eps or batch size (a stand-in model when the real one is not loaded yet); returns the
+    attack object built at the first eps."""
     from histoshield.attacks import create
     from histoshield.attacks.base import check_steps
 
@@ -210,12 +223,16 @@ def check_attack(
     atk = create(
         attack, stand_in, eps=eps_values[0], batch_size=batch_size, **(params or {}), **kwargs
     )
+    if atk.norm == STAIN and len(eps_values) > 1:  # the constructor bounds the stain budget
+        create(attack, stand_in, eps=max(eps_values), batch_size=batch_size, **(params or {}),
+               **kwargs)  # fmt: skip
     big = [e for e in eps_values if e > 1]
     if big and atk.norm == "linf":  # an L2 radius may exceed 1; an L∞ one never can
         raise HistoshieldError(
             f"eps {big[0]:g} is above 1 for the L∞ attack {attack!r}: eps is in pixel units "
             f"[0, 1]; did you mean {big[0]:g}/255?"
         )
+    return atk
 
 
 def select(
@@ -405,7 +422,7 @@ def run_attacks(
                 description=describe(atk),
                 params=dict(run.params),
                 eps=run.eps,
-                eps_255=eps_255(run.eps),
+                eps_255=eps_255(run.eps, atk.norm),
                 norm=atk.norm,
                 n=n,
                 clean_correct=k_clean,
@@ -472,10 +489,11 @@ def worst_case(
         present = sorted(set(y.tolist()))
         class_n = {c: int((y == c).sum()) for c in present}
         class_k = {c: int(robust[y == c].sum()) for c in present}
+        stain = any(o.row.norm == STAIN for o in group)
         out.append(
             WorstCase(
                 eps=eps,
-                eps_255=eps_255(eps),
+                eps_255=eps_255(eps, STAIN if stain else None),
                 attacks=list(dict.fromkeys(o.row.attack for o in group)),
                 n=n,
                 clean_correct=int(clean.sum()),

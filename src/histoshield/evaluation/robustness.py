@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from histoshield.errors import HistoshieldError
-from histoshield.evaluation.harness import AttackRun, check_attack, run_attacks, select, worst_case
+from histoshield.evaluation.harness import (
+    STAIN,
+    AttackRun,
+    budget_label,
+    check_attack,
+    run_attacks,
+    select,
+    worst_case,
+)
 
 __all__ = [
     "attack_checkpoint",
@@ -101,7 +109,8 @@ def examples_of(outcomes: Sequence, x: torch.Tensor, y: torch.Tensor, classes, n
         out.append(
             {
                 "eps": o.row.eps,
-                "title": f"{o.row.name}, eps = {o.row.eps * 255:g}/255",
+                "title": f"{o.row.name}, eps = {budget_label(o.row.eps, o.row.norm)}",
+                "norm": o.row.norm,
                 "x": x[:n].cpu(),
                 "adv": o.adv[:n].cpu(),
                 "p_clean": o.p_clean[:n],
@@ -193,11 +202,23 @@ def rows_json(rows: Sequence[dict]) -> str:
     return json.dumps([clean(r) for r in rows], indent=2)
 
 
+PIXEL_EPS = "0,1/255,2/255,4/255,8/255"
+STAIN_EPS = "0,0.05,0.1,0.2"  # stain budgets a = b (REET's 0.2 the largest)
+
+
+def default_eps(attack: str) -> str:
+    """`--eps` when none is given: grey levels for pixel attacks, stain budgets for stain ones."""
+    from histoshield.attacks import REGISTRY
+
+    cls = REGISTRY.get(attack.strip().lower().replace("_", "-"))
+    return STAIN_EPS if cls is not None and cls.norm == STAIN else PIXEL_EPS
+
+
 def attack_checkpoint(
     checkpoint: str | Path,
     *,
     attack: str,
-    eps: str | Sequence[float],
+    eps: str | Sequence[float] | None,
     data: str | None = None,
     split: str | None = None,
     subset: str = "test",
@@ -231,7 +252,7 @@ def attack_checkpoint(
     from histoshield.runfolder import claim
     from histoshield.runtime import pick_device, seed_everything
 
-    eps_values = parse_eps(eps)
+    eps_values = parse_eps(eps if eps is not None else default_eps(attack))
     check_attack(attack, eps_values, params, batch_size=batch_size)
     seed_everything(seed)
     if only is not None and target is not None and only == target:
@@ -370,7 +391,7 @@ def format_rows(
 
     cols = [
         ("attack", 18, lambda r: r["attack"]),
-        ("eps/255", 8, lambda r: f(r["eps"], ".2f", 255)),
+        ("eps", 10, lambda r: budget_label(r["eps"], r.get("norm"))),
         ("n", 5, lambda r: str(r["n"])),
         ("clean", 7, lambda r: f"{r['clean_correct']}/{r['n']}"),
         ("adv", 7, lambda r: f"{r['adv_correct']}/{r['n']}"),

@@ -6,7 +6,9 @@ accuracy to ~0 — if not, the attack is not working and every robust accuracy i
 upper bound; iterative L∞ attacks at least as strong as FGSM at the same eps; uniform sign noise
 of the same norm much weaker than the attack; no all-zero or NaN input gradients of the logit
 margin (the model itself masks gradients); at most a few images whose input gradient of the
-attack's own loss is exactly zero (a saturated cross-entropy: sign(0) = 0, the image never moves).
+attack's own loss is exactly zero (a saturated cross-entropy: sign(0) = 0, the image never moves);
+stain attacks (`norm = "stain"`, eps a stain budget) at least as strong as random search over the
+same parameter box (`optimised_at_least_random`) instead of the L∞/L2 noise and FGSM checks.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 def check_monotone(rows: Sequence[dict]) -> dict[str, Any]:
     """Accuracy must not rise with eps (beyond one image, which restarts can explain)."""
+    from histoshield.evaluation.harness import budget_label
+
     rs = sorted(rows, key=lambda r: r["eps"])
     bad = [
-        f"{a['adv_correct']}/{a['n']} at eps {a['eps'] * 255:g}/255 → "
-        f"{b['adv_correct']}/{b['n']} at {b['eps'] * 255:g}/255"
+        f"{a['adv_correct']}/{a['n']} at eps {budget_label(a['eps'], a.get('norm'))} → "
+        f"{b['adv_correct']}/{b['n']} at {budget_label(b['eps'], b.get('norm'))}"
         for a, b in zip(rs, rs[1:], strict=False)
         if b["adv_correct"] > a["adv_correct"] + 1
     ]
@@ -222,7 +226,10 @@ def run_checks(
                 )
             )
 
-    if eps_max > 0 and cls.norm is not None:
+    if cls.norm == "stain" and not getattr(cls, "random_search", True):
+        checks.append(check_stain_vs_random(model, xp, yp, rows, attack, params, common))
+
+    if eps_max > 0 and cls.norm in ("linf", "l2"):
         adv_row = max(rows, key=lambda r: r["eps"])
         gen = torch.Generator().manual_seed(seed)
         sign = torch.randint(0, 2, xp.shape, generator=gen).to(xp) * 2 - 1
@@ -242,6 +249,39 @@ def run_checks(
             )
         )
     return checks
+
+
+def check_stain_vs_random(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: Sequence[dict],
+    attack: str,
+    params: dict[str, Any],
+    common: dict[str, Any],
+) -> dict[str, Any]:
+    """An optimised stain attack must do at least as well as random search over the same
+    parameter box with as many candidate points (`baseline`, e.g. hed-random): losing to it
+    means its gradient misleads it."""
+    from histoshield.attacks import REGISTRY, create
+    from histoshield.evaluation.harness import budget_label
+
+    baseline = REGISTRY[attack.strip().lower().replace("_", "-")].baseline
+    batch_size = common.get("batch_size") or 32
+    n, bad, seen = len(y), [], 0
+    for eps in sorted({r["eps"] for r in rows if r["eps"] > 0}):
+        accs = [
+            _accuracy(model, create(name, model, eps=eps, **params, **common)(x, y), y, batch_size)
+            for name in (attack, baseline)
+        ]
+        seen += 1
+        if accs[0] > accs[1] + 1 / max(n, 1):
+            bad.append(f"{attack} {accs[0]:.3f} > {baseline} {accs[1]:.3f} at "
+                       f"{budget_label(eps, 'stain')}")  # fmt: skip
+    detail = "; ".join(bad) or f"{attack} at least as strong as {baseline} at {seen} budgets"
+    if bad:
+        detail += f" (random search with the same budget wins: {UPPER_BOUND})"
+    return _check("optimised_at_least_random", not bad, detail, upper_bound=bool(bad))
 
 
 def warnings_of(checks: Sequence[dict]) -> list[str]:

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 
 from histoshield.errors import HistoshieldError
+from histoshield.evaluation.harness import STAIN
 from histoshield.evaluation.robustness import N_EXAMPLES
+
+STAIN_AXIS = "stain budget eps (hed: a = b = eps; color: ±eps factors; docs/stain.md)"
 
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -108,10 +111,11 @@ def plot_curves(rows: Sequence[dict], path: str | Path, *, title: str | None = N
     for r in rows:
         label = r["attack"] if "model" not in r else f"{r['model']} · {r['attack']}"
         groups.setdefault(label, []).append(r)
+    stain = any(r.get("norm") == STAIN for r in rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["eps"])
-        e = [r["eps"] * 255 for r in rs]
+        e = [r["eps"] * (1 if stain else 255) for r in rs]
         acc = [r["adversarial_accuracy"] for r in rs]
         (line,) = ax.plot(e, acc, marker="o", label=label)
         ci = [r.get("adversarial_accuracy_ci") or [None, None] for r in rs]
@@ -119,7 +123,7 @@ def plot_curves(rows: Sequence[dict], path: str | Path, *, title: str | None = N
             ax.fill_between(
                 e, [c[0] for c in ci], [c[1] for c in ci], alpha=0.2, color=line.get_color()
             )
-    ax.set_xlabel("eps (grey levels, /255)")
+    ax.set_xlabel(STAIN_AXIS if stain else "eps (grey levels, /255)")
     ax.set_ylabel("accuracy under attack")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -130,6 +134,12 @@ def plot_curves(rows: Sequence[dict], path: str | Path, *, title: str | None = N
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
     return Path(path)
+
+
+def _example_dir(ex: dict[str, Any]) -> str:
+    if ex.get("norm") == STAIN:
+        return f"stain_{ex['eps']:g}"
+    return f"eps_{ex['eps'] * 255:g}-255"
 
 
 def write_attack_figures(
@@ -145,7 +155,7 @@ def write_attack_figures(
         for ex in result.get("examples", []):
             try:
                 save_example_images(
-                    Path(examples_dir) / f"eps_{ex['eps'] * 255:g}-255",
+                    Path(examples_dir) / _example_dir(ex),
                     ex["x"],
                     ex["adv"],
                     ex["p_clean"],

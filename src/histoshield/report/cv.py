@@ -168,7 +168,7 @@ def robustness_table(r: dict[str, Any]) -> T.Table:
         rows.append(
             [
                 a["attack"],
-                f"{a['eps_255']:g}/255",
+                "stain (spec)" if a["eps_255"] is None else f"{a['eps_255']:g}/255",
                 a["only"] or "all",
                 _v(a["clean"]),
                 _v(a["adversarial"]),

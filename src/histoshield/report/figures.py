@@ -134,8 +134,9 @@ def figure6_adversarial(
     return _save(fig, path)
 
 
-def robustness_curves(curves: list[dict[str, Any]], path: Path) -> Path:
-    """Adversarial accuracy vs eps (×255) per model and attack, with Wilson 95% CI bands."""
+def robustness_curves(curves: list[dict[str, Any]], path: Path, *, stain: bool = False) -> Path:
+    """Adversarial accuracy vs eps (×255; `stain`: the stain budget) per model and attack,
+    with Wilson 95% CI bands."""
     fig, ax = plt.subplots(figsize=(6.6, 4.0))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in curves:
@@ -146,7 +147,7 @@ def robustness_curves(curves: list[dict[str, Any]], path: Path) -> Path:
     styles = ["-", "--", ":", "-."]
     for (m, a), rows in groups.items():
         rows = sorted(rows, key=lambda r: r["eps"])
-        x = [r["eps_255"] for r in rows]
+        x = [r["eps"] if stain else r["eps_255"] for r in rows]
         y = [r["adversarial_accuracy"] for r in rows]
         c = colors[models.index(m) % len(colors)]
         ax.plot(
@@ -161,12 +162,13 @@ def robustness_curves(curves: list[dict[str, Any]], path: Path) -> Path:
         cis = [r.get("adversarial_accuracy_ci") for r in rows]
         if all(ci and None not in ci for ci in cis):
             ax.fill_between(x, [ci[0] for ci in cis], [ci[1] for ci in cis], color=c, alpha=0.12)
-    ax.set_xlabel("eps (×1/255, L∞)")
+    ax.set_xlabel("stain budget eps (a = b)" if stain else "eps (×1/255, L∞)")
     ax.set_ylabel("adversarial accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title("Robustness curves (bands: Wilson 95% CI)", fontsize=11)
+    what = "Stain robustness curves" if stain else "Robustness curves"
+    ax.set_title(f"{what} (bands: Wilson 95% CI)", fontsize=11)
     return _save(fig, path)
 
 

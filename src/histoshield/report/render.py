@@ -89,6 +89,12 @@ def make_figures(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
             results["curves"] + worst, fig_dir / "robustness_curves.png"
         )
     out.update(_gradcam_figures(run_dir, results))
+    stain = results.get("stain") or {}
+    if stain.get("rows"):
+        worst = [{**w, "attack": "worst case"} for w in stain.get("worst_case", [])]
+        out["stain"] = F.robustness_curves(
+            stain["rows"] + worst, fig_dir / "stain_curves.png", stain=True
+        )
     if results.get("certified", {}).get("curve"):
         out["certified"] = F.certified_curve(
             results["certified"], fig_dir / "certified_accuracy.png"
@@ -293,6 +299,13 @@ def report_blocks(r: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> li
                 f"Grad-CAM of '{name}': each row shows a clean image, its map, the adversarial "
                 "image and its map, with the prediction and the positive-class probability.",
             )
+    if (r.get("stain") or {}).get("rows"):
+        b += [("h2", "Stain-space attacks (another lab's stain)"), ("table", T.stain_table(r))]
+        b += fig(
+            "stain",
+            "Accuracy vs stain budget per attack, and the worst case over the stain attacks; "
+            "bands are Wilson 95% CIs (docs/stain.md shows what each budget looks like).",
+        )
     if r.get("transfer"):
         b += [("h2", "Transfer attacks"), ("table", T.transfer_table(r))]
     if r.get("certified"):

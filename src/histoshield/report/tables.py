@@ -74,8 +74,10 @@ def count(k: int | None) -> str:
 
 
 def eps_label(row: dict[str, Any]) -> str:
-    """eps from the stored `eps_255` as 'a/255'."""
+    """eps from the stored `eps_255` as 'a/255'; a stain budget (no eps_255) as 'stain 0.2'."""
     e = row.get("eps_255")
+    if e is None and row.get("eps") is not None and row.get("norm", "stain") == "stain":
+        return f"stain {float(row['eps']):g}"
     return "—" if e is None else f"{float(e):g}/255"
 
 
@@ -418,10 +420,44 @@ def timings_table(results: dict[str, Any]) -> Table:
     return Table("Time per stage", ["Stage", "Seconds"], rows)
 
 
+STAIN_NOTE = (
+    "Stain budget eps: hed changes each image's hematoxylin, eosin and DAB concentrations to "
+    "alpha·s + beta with alpha in [1-eps, 1+eps] and beta in [-eps, eps] optical density; color "
+    "changes brightness, contrast and saturation by ±eps and hue by ±eps/2 turns (docs/stain.md). "
+    "*-random: random search over the same box with as many candidates"
+)
+
+
+def stain_table(results: dict[str, Any]) -> Table:
+    """Stain-space attacks: accuracy [Wilson 95% CI] per model, attack and stain budget, and
+    the per-image worst case over the stain attacks."""
+    stain = results.get("stain") or {}
+    rows_in = list(stain.get("rows", []))
+    rows_in += [{**w, "attack": "worst case (stain)"} for w in stain.get("worst_case", [])]
+    eps_sorted = sorted({float(r["eps"]) for r in rows_in})
+    grid: dict[tuple[str, str], dict[float, str]] = {}
+    for r in rows_in:
+        cell = f"{pct(r.get('adversarial_accuracy'))} {ci(r.get('adversarial_accuracy_ci'))}"
+        bal = r.get("balanced_adversarial_accuracy")
+        grid.setdefault((r["model"], r["attack"]), {})[float(r["eps"])] = cell + (
+            "" if bal is None else f" (bal. {pct(bal)})"
+        )
+    rows = [[m, a, *[c.get(e, "—") for e in eps_sorted]] for (m, a), c in grid.items()]
+    n = {r.get("n") for r in rows_in}
+    note = STAIN_NOTE + (f"; n = {count(n.pop())} test images per cell" if len(n) == 1 else "")
+    return Table(
+        "Stain-space attacks: accuracy [95% CI] (balanced) per stain budget",
+        ["Model", "Attack", *[f"stain {e:g}" for e in eps_sorted]],
+        rows,
+        note + ".",
+        align=["l", "l"] + ["r"] * len(eps_sorted),
+    )
+
+
 def sanity_lines(results: dict[str, Any]) -> list[str]:
-    """One line per failed sanity check (empty when all passed)."""
+    """One line per failed sanity check (empty when all passed), the stain stage's included."""
     out = []
-    for s in results.get("sanity", []):
+    for s in [*results.get("sanity", []), *(results.get("stain") or {}).get("sanity", [])]:
         if not s.get("passed", True):
             where = "/".join(str(s[k]) for k in ("model", "attack") if s.get(k))
             out.append(f"{where}: {s.get('check', '?')} — {s.get('detail', '')}".strip())

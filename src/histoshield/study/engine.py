@@ -29,6 +29,7 @@ from histoshield.study.settings import (
     previous_config,
 )
 from histoshield.study.shared import read_json
+from histoshield.study.stain import stage_stain
 from histoshield.study.tables import stage_clean, stage_table3
 from histoshield.study.train import stage_split, stage_train
 
@@ -47,6 +48,8 @@ def build_stages(cfg: StudyConfig) -> list[Stage]:
         Stage("table3", stage_table3),
         Stage("curves", stage_curves),
     ]
+    if cfg.stain_attacks:
+        stages.append(Stage("stain", stage_stain))
     if cfg.transfer:
         stages.append(Stage("transfer", stage_transfer))
     if cfg.certify.enabled:

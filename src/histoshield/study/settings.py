@@ -9,6 +9,7 @@ from typing import Any
 from histoshield.config import StudyConfig, load_config
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.harness import (
+    STAIN,
     parse_attack_spec,
 )
 
@@ -65,12 +66,18 @@ def check_study_config(cfg: StudyConfig) -> None:
     attack_specs = [("table3_attack", cfg.table3_attack)]
     attack_specs += [("curve_attacks", s) for s in cfg.curve_attacks]
     attack_specs += [("extra_attacks", s) for s in cfg.extra_attacks]
-    for key, spec in attack_specs:
+    stain_specs = [("stain_attacks", s) for s in cfg.stain_attacks]
+    for key, spec in attack_specs + stain_specs:
         try:
             name, params = parse_attack_spec(spec)
             if "eps" in params:
                 raise HistoshieldError("eps comes from curve_eps / table3_eps: remove eps=")
-            check_attack(name, [eps], params, batch_size=cfg.batch_size)
+            budgets = cfg.stain_eps if key == "stain_attacks" else [eps]
+            atk = check_attack(name, budgets, params, batch_size=cfg.batch_size)
+            if (atk.norm == STAIN) != (key == "stain_attacks"):
+                where = "curve_attacks/extra_attacks" if key == "stain_attacks" else "stain_attacks"
+                raise HistoshieldError(f"{name!r} belongs in {where}: stain budgets and pixel "
+                                       "eps are different axes")  # fmt: skip
         except HistoshieldError as e:
             raise HistoshieldError(f"{key} {spec!r} in the study config: {e}") from None
     checks = [("gaussian_sigma", gaussian_spec(cfg), defenses.create)]
@@ -121,6 +128,7 @@ def stage_keys(stage: str) -> tuple[str, ...]:
         "certify": (*_TRAIN_KEYS, "gaussian_sigma", "certify"),
         "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
         "gradcam": (*_MODELS_KEYS, "curve_attacks", "extra_attacks", "table3_attack", "table3_eps"),
+        "stain": (*_MODELS_KEYS, "stain_attacks", "stain_eps", "sanity", "sanity_limit"),
         "report": (),  # reads results only; rebuilt after any accepted change
     }.get(stage, ("*",))  # a stage not listed here: any change may affect it
 
