@@ -63,7 +63,6 @@ def _records(n_patients: int, per: int, seed: int = 0) -> list[Record]:
     return out
 
 
-
 @pytest.fixture(scope="module")
 def tiny_cv(tmp_path_factory: pytest.TempPathFactory, cache_env) -> Path:
     tmp = tmp_path_factory.mktemp("cv")
@@ -106,7 +105,7 @@ def test_image_level_folds_leak_near_duplicates_of_a_patient() -> None:
     patient-level folds it cannot, and falls to chance."""
     rng = np.random.default_rng(0)
     recs = _records(24, 6, seed=3)
-    protos = {p: rng.random(64) for p in {r.patient for r in recs}}
+    protos = {p: rng.random(64) for p in sorted({r.patient for r in recs})}
     x = np.stack([protos[r.patient] + 0.02 * rng.standard_normal(64) for r in recs])
     y = np.array([r.label == "malignant" for r in recs])
     scores = {}
@@ -182,6 +181,7 @@ def test_pooled_metrics_equal_those_recomputed_from_the_saved_predictions(tiny_c
     rob = r["robustness"][0]
     used = [f for f in r["folds"] if f["robustness_meaningful"]]
     assert rob["adversarial"]["n"] == sum(f["robustness"][0]["n"] for f in used)
+    assert "class_adversarial" in rob and "balanced robust" in (tiny_cv / "report.md").read_text()
     assert (tiny_cv / "report.md").is_file() and (tiny_cv / "figures" / "roc.png").is_file()
 
 
@@ -302,3 +302,89 @@ def test_cv_trains_the_configs_defense_and_attacks_in_stain_space(tmp_path: Path
     assert row["eps_255"] is None  # its budget is the spec's a, b, not cv.eps
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| hed:a=0.1,b=0.1,steps=2 | stain (spec) |" in report
+
+
+def test_attack_rows_attack_benign_tiles_too_and_count_balanced_robust_accuracy() -> None:
+    import torch
+
+    from histoshield import attacks
+    from histoshield.config import CVConfig
+    from histoshield.evaluation.metrics import balanced_rate
+    from tests.helpers_models import tiny_cnn
+
+    torch.manual_seed(1)
+    model = tiny_cnn(seed=1).eval()
+    x = torch.rand(30, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = 1 - y[:3]  # a few start wrong
+    assert 0 < int(y.sum()) < len(y)  # both classes present
+    classes = ["benign", "malignant"]
+    cv = CVConfig(attacks=["fgsm", "pgd:steps=5,restarts=1"], eps="8/255", only="malignant")
+    rows = CV.attack_rows(model, x, y, classes, cv, seed=0)
+    ok_all = torch.ones(len(y), dtype=torch.bool)
+    specs = (("fgsm", {}), ("pgd", {"steps": 5, "restarts": 1}))
+    for r, (name, params) in zip(rows, specs, strict=False):  # rows end with the worst case
+        adv = attacks.run(name, model, x, y, eps=8 / 255, seed=0, **params)
+        with torch.no_grad():
+            ok = model(adv).argmax(1) == y
+        ok_all &= ok
+        mal, ben = y == 1, y == 0
+        # the paper's Table-3 rate: malignant tiles only
+        assert (r["n"], r["adv_correct"]) == (int(mal.sum()), int(ok[mal].sum()))
+        # ...and every benign tile attacked as well
+        assert r["class_n"] == {"benign": int(ben.sum()), "malignant": int(mal.sum())}
+        assert r["class_correct"]["benign"] == int(ok[ben].sum())
+        hand = (ok[ben].float().mean() + ok[mal].float().mean()) / 2
+        assert r["balanced_adversarial_accuracy"] == pytest.approx(float(hand))
+    wc = rows[-1]
+    assert wc["attack"] == CV.WORST_CASE
+    assert wc["class_correct"]["benign"] == int(ok_all[y == 0].sum())
+    assert wc["balanced_adversarial_accuracy"] == pytest.approx(balanced_rate(ok_all, y))
+
+
+def test_an_always_malignant_model_is_table3_robust_but_not_balanced_robust() -> None:
+    import torch
+
+    from histoshield.config import CVConfig
+
+    class Constant(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = x.flatten(1).mean(1, keepdim=True) * self.w
+            return torch.cat([s - 5.0, s + 5.0], 1)  # always "malignant", far from the cut
+
+    x = torch.rand(12, 3, 16, 16)
+    y = torch.tensor([0] * 4 + [1] * 8)
+    cv = CVConfig(attacks=["fgsm", "pgd:steps=3,restarts=1"], eps="8/255", only="malignant")
+    rows = CV.attack_rows(Constant().eval(), x, y, ["benign", "malignant"], cv, seed=0)
+    for r in rows:
+        assert r["adversarial_accuracy"] == 1.0  # "100% robust" under Table 3
+        assert r["class_accuracy"]["benign"] == 0.0
+        assert r["balanced_adversarial_accuracy"] == 0.5
+
+
+def test_pooled_balanced_robust_accuracy_matches_a_hand_count_over_meaningful_folds() -> None:
+    def fold(k: int, meaningful: bool, ben: tuple[int, int], mal: tuple[int, int]) -> dict:
+        row = {
+            "attack": "pgd", "eps_255": 2.0, "only": "malignant", "n": mal[1],
+            "clean_correct": mal[1], "adv_correct": mal[0], "adversarial_accuracy": mal[0] / mal[1],
+            "class_n": {"benign": ben[1], "malignant": mal[1]},
+            "class_correct": {"benign": ben[0], "malignant": mal[0]},
+            "balanced_adversarial_accuracy": (ben[0] / ben[1] + mal[0] / mal[1]) / 2,
+        }  # fmt: skip
+        return {"fold": k, "robustness_meaningful": meaningful, "robustness": [row]}
+
+    folds = [fold(0, True, (1, 4), (6, 10)), fold(1, True, (3, 6), (5, 20)),
+             fold(2, False, (0, 5), (12, 12))]  # fmt: skip
+    (p,) = CV.pool_robustness(folds)
+    assert p["folds_used"] == [0, 1] and p["folds_excluded"] == [2]
+    assert (p["adversarial"]["k"], p["adversarial"]["n"]) == (11, 30)  # Table 3: malignant
+    assert (p["class_adversarial"]["benign"]["k"], p["class_adversarial"]["benign"]["n"]) == (4, 10)
+    assert p["balanced_adversarial"] == pytest.approx((4 / 10 + 11 / 30) / 2)
+    assert p["fold_balanced_adversarial"]["mean"] == pytest.approx(
+        ((1 / 4 + 6 / 10) / 2 + (3 / 6 + 5 / 20) / 2) / 2
+    )

@@ -199,41 +199,74 @@ def attack_rows(
     seed: int,
     dist: Any = None,
 ) -> list[dict[str, Any]]:
-    """One robustness row per cv attack at cv.eps on the `only` class (the one harness call),
-    then, with two or more attacks, the per-image worst case over all of them (the headline);
-    `dist` shards the images over torchrun ranks."""
-    from histoshield.evaluation.harness import parse_attack_spec, select, worst_case
+    """One robustness row per cv attack at cv.eps, then, with two or more attacks, the
+    per-image worst case over all of them (the headline).
+
+    Every held-out image is attacked (one harness call per attack), so each row carries both
+    the paper's Table-3 rate on the `only` class (n, clean_correct, adv_correct,
+    adversarial_accuracy) and the robust accuracy per class and balanced over classes: an
+    always-"malignant" model is 100% robust on malignant tiles and 0% on benign ones. `dist`
+    shards the images over torchrun ranks."""
+    from histoshield.evaluation.harness import parse_attack_spec, worst_case
     from histoshield.evaluation.robustness import evaluate_attack
 
-    def row(attack: str, r: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "attack": attack,
-            "eps": cv.eps,
-            # a stain attack's budget is its spec's a, b (e.g. hed:a=0.2,b=0.2), not cv.eps
-            "eps_255": None if r.get("norm") == "stain" else round(cv.eps * 255, 4),
-            "only": cv.only,
-            "n": r["n"],
-            "clean_correct": r["clean_correct"],
-            "adv_correct": r["adv_correct"],
-            "adversarial_accuracy": r["adversarial_accuracy"],
-            "balanced_adversarial_accuracy": r.get("balanced_adversarial_accuracy"),
-        }
-
+    yc = torch.as_tensor(y).long().reshape(-1).cpu()
     rows, outcomes = [], []
     for spec in cv.attacks:
         name, params = parse_attack_spec(spec)
-        r = evaluate_attack(
+        before = len(outcomes)
+        evaluate_attack(
             model, x, y, attack=name, eps_list=[cv.eps], params=params, classes=classes,
-            only=cv.only, batch_size=cv.batch_size, seed=seed, progress=False,
-            outcomes=outcomes, dist=dist,
-        )[0]  # fmt: skip
-        rows.append(row(spec, r))
+            only=None, batch_size=cv.batch_size, seed=seed, progress=False, outcomes=outcomes,
+            dist=dist,
+        )  # fmt: skip
+        o = outcomes[before]
+        rows.append(
+            _robust_row(spec, o.clean_ok.cpu(), o.adv_ok.cpu(), yc, classes, cv, o.row.norm)
+        )
     if len(cv.attacks) > 1:
-        yc = torch.as_tensor(y).long().reshape(-1).cpu()
-        ys = yc[select(yc, classes, only=cv.only)[0]]
-        wc = worst_case(outcomes, ys, classes)[0].to_dict()
-        rows.append(row(WORST_CASE, wc))
+        wc = worst_case(outcomes, yc, classes)[0]
+        clean = torch.ones(len(yc), dtype=torch.bool)
+        for o in outcomes:
+            clean &= o.clean_ok.cpu()
+        norms = {o.row.norm for o in outcomes}
+        norm = "stain" if "stain" in norms else None
+        rows.append(_robust_row(WORST_CASE, clean, wc.robust, yc, classes, cv, norm))
     return rows
+
+
+def _robust_row(
+    attack: str,
+    clean_ok: torch.Tensor,
+    adv_ok: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[str],
+    cv: CVConfig,
+    norm: str | None = None,
+) -> dict[str, Any]:
+    """Counts of one attack from its per-image masks: on the `only` class and per class."""
+    from histoshield.evaluation.metrics import balanced_rate, class_rates
+
+    sel = torch.ones(len(y), dtype=torch.bool)
+    if cv.only is not None:
+        sel = y == classes.index(cv.only)
+    n, k = int(sel.sum()), int(adv_ok[sel].sum())
+    present = sorted(set(y.tolist()))
+    return {
+        "attack": attack,
+        "eps": cv.eps,
+        # a stain attack's budget is its spec's a, b (e.g. hed:a=0.2,b=0.2), not cv.eps
+        "eps_255": None if norm == "stain" else round(cv.eps * 255, 4),
+        "only": cv.only,
+        "n": n,
+        "clean_correct": int(clean_ok[sel].sum()),
+        "adv_correct": k,
+        "adversarial_accuracy": k / n if n else None,
+        "class_n": {classes[c]: int((y == c).sum()) for c in present},
+        "class_correct": {classes[c]: int(adv_ok[y == c].sum()) for c in present},
+        "class_accuracy": {classes[c]: v for c, v in class_rates(adv_ok, y).items()},
+        "balanced_adversarial_accuracy": balanced_rate(adv_ok, y) if len(y) else None,
+    }
 
 
 def _oof_csv(rows: list[dict[str, Any]]) -> str:
@@ -467,7 +500,9 @@ def mean_sd(values: list[float | None]) -> dict[str, Any]:
 
 
 def pool_robustness(folds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per attack: pooled robust accuracy (Wilson CI) over meaningful folds, fold mean ± sd."""
+    """Per attack over meaningful folds: the `only`-class robust accuracy (Table 3) and, per
+    class and balanced over classes, the robust accuracy of every held-out image — each pooled
+    (Wilson CI; balanced = mean of the pooled class rates) and as fold mean ± sd."""
     out = []
     specs = [r["attack"] for r in (folds[0]["robustness"] if folds else [])]
     for i, spec in enumerate(specs):
@@ -475,20 +510,33 @@ def pool_robustness(folds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         k = sum(f["robustness"][i]["adv_correct"] for f in ok)
         n = sum(f["robustness"][i]["n"] for f in ok)
         k_clean = sum(f["robustness"][i]["clean_correct"] for f in ok)
-        out.append(
-            {
-                "attack": spec,
-                "eps_255": folds[0]["robustness"][i]["eps_255"],
-                "only": folds[0]["robustness"][i]["only"],
-                "folds_used": [f["fold"] for f in ok],
-                "folds_excluded": [f["fold"] for f in folds if not f["robustness_meaningful"]],
-                "clean": _rate(k_clean, n),
-                "adversarial": _rate(k, n),
-                "fold_adversarial": mean_sd(
-                    [f["robustness"][i]["adversarial_accuracy"] for f in ok]
-                ),
+        row = {
+            "attack": spec,
+            "eps_255": folds[0]["robustness"][i]["eps_255"],
+            "only": folds[0]["robustness"][i]["only"],
+            "folds_used": [f["fold"] for f in ok],
+            "folds_excluded": [f["fold"] for f in folds if not f["robustness_meaningful"]],
+            "clean": _rate(k_clean, n),
+            "adversarial": _rate(k, n),
+            "fold_adversarial": mean_sd([f["robustness"][i]["adversarial_accuracy"] for f in ok]),
+        }
+        per = [f["robustness"][i] for f in ok]
+        if all("class_n" in f["robustness"][i] for f in folds):  # else: older fold files
+            names = sorted({c for r in per for c in r["class_n"]})
+            rates = {
+                c: _rate(
+                    sum(r["class_correct"].get(c, 0) for r in per),
+                    sum(r["class_n"].get(c, 0) for r in per),
+                )
+                for c in names
             }
-        )
+            row["class_adversarial"] = rates
+            vals = [v["value"] for v in rates.values() if v["value"] is not None]
+            row["balanced_adversarial"] = float(np.mean(vals)) if vals else None
+            row["fold_balanced_adversarial"] = mean_sd(
+                [r["balanced_adversarial_accuracy"] for r in per]
+            )
+        out.append(row)
     return out
 
 
