@@ -16,7 +16,7 @@ from torch import nn
 
 import histoshield
 from histoshield.audit import BUDGETS, Budget, budget_runs, validate_card
-from histoshield.evaluation.harness import AttackRun, run_attacks
+from histoshield.evaluation.harness import AttackRun, run_attacks, runs_for
 from tests.helpers_cli import run_cli
 from tests.helpers_models import one_torch_thread, tiny_cnn
 
@@ -290,3 +290,38 @@ def test_done_when_exported_cards_audit_like_the_checkpoint(tmp_path, capsys, mo
     )
     assert got["torchscript"]["gradcam"]["figure"] is None
     assert "TorchScript" in got["torchscript"]["gradcam"]["note"]
+
+
+def test_stain_attacks_are_a_separate_threat_model_in_the_card(toy, tmp_path) -> None:
+    """Issue 14: the audit's stain section (budget a = b, not pixel eps) comes from the same
+    harness, its worst case is never above any stain attack, and the headline stays L∞."""
+    from dataclasses import replace
+
+    from histoshield.report.audit import build_audit_report
+
+    model, x, y = toy
+    b = replace(TINY, stain=("hed:steps=2", "hed-random:steps=2"), stain_eps=(0.0, 0.1))
+    card = histoshield.audit(model, x, y, budget=b, seed=0).to_dict()
+    validate_card(card)
+    st = card["stain"]
+    assert card["budget"]["stain"] == list(b.stain) and st["eps"] == [0.0, 0.1]
+    assert [(a["attack"], a["eps"]) for a in st["attacks"]] == [
+        (s, e) for s in b.stain for e in b.stain_eps
+    ]
+    assert {a["norm"] for a in st["attacks"]} == {"stain"}
+    assert all(a["eps_255"] is None for a in st["attacks"] + st["worst_case"])
+    wrapped = histoshield.audit._as_histomodel(model, None)
+    (o,) = run_attacks(wrapped, x, y, runs_for("hed:steps=2", [0.1]), seed=0)
+    hed = next(a for a in st["attacks"] if a["attack"] == "hed:steps=2" and a["eps"] == 0.1)
+    assert hed["adv_correct"] == o.row.adv_correct
+    w = next(w for w in st["worst_case"] if w["eps"] == 0.1)
+    assert w["adv_correct"] <= min(a["adv_correct"] for a in st["attacks"] if a["eps"] == 0.1)
+    # the L∞ headline never mixes in a stain budget
+    assert all(a["norm"] != "stain" for a in card["attacks"]) and card["threat_model"] == "Linf"
+    assert {s["attack"] for s in card["sanity"]} >= set(b.stain)
+    # and the report shows it
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    md, _ = build_audit_report(tmp_path)
+    text = md.read_text()
+    assert "Stain-space attacks" in text and "stain 0.1" in text
+    assert (tmp_path / "figures" / "stain.png").is_file()

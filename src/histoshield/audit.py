@@ -48,6 +48,9 @@ class Budget:
     square: str  # the black-box attack at the headline eps
     sanity_limit: int  # images the self-checks attack
     certify: dict[str, Any] = field(default_factory=dict)  # smoothing settings (--certify)
+    # stain-space attacks (docs/stain.md) over stain budgets a = b (not pixel eps); () = none
+    stain: tuple[str, ...] = ()
+    stain_eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
 
 
 BUDGETS: dict[str, Budget] = {
@@ -59,6 +62,8 @@ BUDGETS: dict[str, Budget] = {
         "square:max_queries=200",
         16,
         {"sigma": 0.25, "n0": 20, "n": 100, "alpha": 0.001, "limit": 16},
+        ("hed:steps=5", "hed-random:steps=5"),
+        (0.0, 0.1, 0.2),
     ),
     "standard": Budget(
         "standard",
@@ -68,6 +73,7 @@ BUDGETS: dict[str, Budget] = {
         "square:max_queries=1000",
         32,
         {"sigma": 0.25, "n0": 50, "n": 500, "alpha": 0.001, "limit": 50},
+        ("hed:steps=10", "hed-random:steps=10", "color:steps=10"),
     ),
     "thorough": Budget(
         "thorough",
@@ -77,6 +83,12 @@ BUDGETS: dict[str, Budget] = {
         "square:max_queries=5000",
         64,
         {"sigma": 0.25, "n0": 100, "n": 10_000, "alpha": 0.001, "limit": 100},
+        (
+            "hed:steps=20,restarts=3",
+            "hed-random:steps=60",
+            "color:steps=20,restarts=3",
+            "color-random:steps=60",
+        ),
     ),
 }
 
@@ -92,6 +104,11 @@ def budget_runs(b: Budget) -> list[AttackRun]:
     """Every (attack, eps) the budget runs: the curves, then Square at the headline eps."""
     runs = [r for spec in b.attacks for r in runs_for(spec, b.eps)]
     return runs + runs_for(b.square, [b.headline])
+
+
+def stain_runs(b: Budget) -> list[AttackRun]:
+    """The budget's stain-space attacks at every stain budget (a separate threat model)."""
+    return [r for spec in b.stain for r in runs_for(spec, b.stain_eps)]
 
 
 def run_key(run: AttackRun) -> str:
@@ -167,7 +184,7 @@ def _checks(model, x, y, rows, b: Budget, classes, batch_size, seed) -> list[dic
 
     idx = _evenly_by_class(y, b.sanity_limit)
     out = []
-    for spec in b.attacks:
+    for spec in (*b.attacks, *b.stain):
         mine = [r for r in rows if r["attack"] == spec]
         if len(mine) < 2:
             continue
@@ -226,7 +243,8 @@ def run_audit(
         clean = classification_metrics(y.numpy(), pred.numpy(), prob.numpy(), positive=pos)
         degenerate = degenerate_reason(y, pred, classes)
         clean_passes = _delta(counter, (0, 0))
-        runs = budget_runs(b)
+        linf, stain = budget_runs(b), stain_runs(b)
+        runs = linf + stain
         todo = [r for r in runs if run_key(r) not in done]
         if len(todo) < len(runs):
             say(f"resuming: {len(runs) - len(todo)} of {len(runs)} attack runs already done")
@@ -241,12 +259,18 @@ def run_audit(
             }
             before = counter.snapshot()
             keep()
-        outcomes = [_outcome_of(r, done[run_key(r)]) for r in runs]
-        rows = [{**done[run_key(r)]["row"], **_passes(done[run_key(r)])} for r in runs]
-        worst = [w.to_dict() for w in worst_case(outcomes, y, classes)]
+
+        def measured(group: list[AttackRun]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            outcomes = [_outcome_of(r, done[run_key(r)]) for r in group]
+            rows = [{**done[run_key(r)]["row"], **_passes(done[run_key(r)])} for r in group]
+            return rows, [w.to_dict() for w in worst_case(outcomes, y, classes)] if group else []
+
+        rows, worst = measured(linf)
+        stain_rows, stain_worst = measured(stain)
         if "sanity" not in state:
             before = counter.snapshot()
-            state["sanity"] = _checks(model, x, y, rows, b, classes, batch_size, seed)
+            state["sanity"] = _checks(model, x, y, rows + stain_rows, b, classes, batch_size,
+                                      seed)  # fmt: skip
             state["sanity_passes"] = _delta(counter, before)
             keep()
         certified = None
@@ -273,6 +297,7 @@ def run_audit(
         "degenerate": degenerate,
         "results": rows,
         "worst_case": worst,
+        "stain": {"rows": stain_rows, "worst_case": stain_worst} if stain else None,
         "sanity": state["sanity"],
         "certified": certified,
         **total,
@@ -387,6 +412,7 @@ def make_card(
             "black_box": b.square,
             "sanity_limit": b.sanity_limit,
             "certify": dict(b.certify) if m["certified"] is not None else None,
+            "stain": list(b.stain),
         },
         "seed": int(seed),
         "clean_acc": clean["accuracy"],
@@ -430,6 +456,7 @@ def make_card(
             }
             for w in m["worst_case"]
         ],  # fmt: skip
+        "stain": _stain_section(m, b),
         "certified": m["certified"],
         "sanity": m["sanity"],
         "degenerate": m["degenerate"],
@@ -442,6 +469,23 @@ def make_card(
         "warnings": warns,
         "unreliable": unreliable,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _stain_section(m: dict[str, Any], b: Budget) -> dict[str, Any] | None:
+    """The stain threat model's rows and per-image worst case (budget a = b, not pixel eps)."""
+    st = m.get("stain")
+    if not st:
+        return None
+    keep = ("eps", "attacks", "n", "adv_correct", "adversarial_accuracy",
+            "adversarial_accuracy_ci", "balanced_adversarial_accuracy", "class_accuracy")
+    return {
+        "threat_model": "stain (HED / colour, docs/stain.md)",
+        "eps": list(b.stain_eps),
+        "attacks": [_attack_entry(r) for r in st["rows"]],
+        "worst_case": [
+            {**{k: w[k] for k in keep}, "eps_255": None, "norm": "stain"} for w in st["worst_case"]
+        ],  # fmt: skip
     }
 
 
@@ -680,7 +724,7 @@ def _audit_run(model, model_path, *, data, split, subset, budget, out, seed, cer
     card = make_card(m, ev.model, data=data_info, seed=seed, source=str(model_path), env=env,
                      gradcam=explained)  # fmt: skip
     results = {"degenerate": m["degenerate"], "results": m["results"],
-               "worst_case": m["worst_case"], "sanity": m["sanity"],
+               "worst_case": m["worst_case"], "stain": m["stain"], "sanity": m["sanity"],
                "certified": m["certified"]}  # fmt: skip
     write_json(out / "results.json", results)
     write_json(out / "card.json", card)
@@ -757,6 +801,12 @@ def format_card(card: dict[str, Any]) -> str:
         if w["eps"] > 0:
             lines.append(
                 f"  eps {w['eps_255']:g}/255: robust accuracy {w['adv_correct']}/{w['n']} = "
+                f"{w['adversarial_accuracy']:.4f} (worst case of {', '.join(w['attacks'])})"
+            )
+    for w in (card.get("stain") or {}).get("worst_case", []):
+        if w["eps"] > 0:
+            lines.append(
+                f"  stain {w['eps']:g}: robust accuracy {w['adv_correct']}/{w['n']} = "
                 f"{w['adversarial_accuracy']:.4f} (worst case of {', '.join(w['attacks'])})"
             )
     lines.append(

@@ -94,6 +94,30 @@ def attack_table(c: dict[str, Any]) -> T.Table:
     )
 
 
+def stain_table(c: dict[str, Any]) -> T.Table:
+    """The stain threat model: every stain attack and budget, then the per-image worst case."""
+    st = c["stain"]
+    rows = [
+        [a["attack"], T.eps_label(a), f"{T.count(a['adv_correct'])}/{T.count(a['n'])}",
+         T.pct(a["adversarial_accuracy"]), T.ci(a["adversarial_accuracy_ci"]),
+         T.pct(a["balanced_adversarial_accuracy"])]
+        for a in st["attacks"]
+    ] + [
+        ["worst case (stain)", T.eps_label(w), f"{T.count(w['adv_correct'])}/{T.count(w['n'])}",
+         T.pct(w["adversarial_accuracy"]), T.ci(w["adversarial_accuracy_ci"]),
+         T.pct(w["balanced_adversarial_accuracy"])]
+        for w in st["worst_case"]
+    ]  # fmt: skip
+    return T.Table(
+        "Stain-space attacks: accuracy per stain budget (Wilson 95% CI)",
+        ["attack", "budget", "correct", "accuracy", "95% CI", "balanced"],
+        rows,
+        "budget: the HED/colour parameter box a = b (docs/stain.md), not pixel eps; the "
+        "random-search rows are the baseline the optimised attack must beat.",
+        align=["l", "r", "r", "r", "r", "r"],
+    )
+
+
 def clean_table(c: dict[str, Any]) -> T.Table:
     """Clean classification metrics."""
     k = c["clean"]
@@ -132,6 +156,11 @@ def audit_blocks(c: dict[str, Any], figs: dict[str, Path]) -> list[Block]:
     if "curves" in figs:
         b.append(("fig", figs["curves"], "Accuracy under attack vs eps; bands: Wilson 95% CI."))
     b += [("table", attack_table(c)), ("table", clean_table(c))]
+    if c.get("stain"):
+        b += [("h2", "Stain-space attacks (another lab's stain)"), ("table", stain_table(c))]
+        if "stain" in figs:
+            b.append(("fig", figs["stain"], "Accuracy vs stain budget (a = b, docs/stain.md) per "
+                      "attack and the per-image worst case; bands: Wilson 95% CI."))  # fmt: skip
     if c.get("certified"):
         b.append(("table", certified_table(c)))
         if "certified" in figs:
@@ -168,6 +197,11 @@ def build_audit_report(run_dir: str | Path) -> tuple[Path, Path]:
     if curves:  # one colour per attack (plot_curves), the worst case last
         figs["curves"] = plot_curves(curves, run_dir / "figures" / "robustness.png",
                                      title=f"{c['name']}: accuracy under attack")  # fmt: skip
+    if c.get("stain"):
+        st = c["stain"]
+        rows = st["attacks"] + [{**w, "attack": "worst case"} for w in st["worst_case"]]
+        figs["stain"] = plot_curves(rows, run_dir / "figures" / "stain.png",
+                                    title=f"{c['name']}: accuracy under stain attacks")  # fmt: skip
     if c.get("certified", {}) and c["certified"].get("curve"):
         figs["certified"] = certified_curve(c["certified"], run_dir / "figures" / "certified.png")
     gradcam = run_dir / "figures" / "gradcam.png"
