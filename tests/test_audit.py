@@ -325,3 +325,23 @@ def test_stain_attacks_are_a_separate_threat_model_in_the_card(toy, tmp_path) ->
     text = md.read_text()
     assert "Stain-space attacks" in text and "stain 0.1" in text
     assert (tmp_path / "figures" / "stain.png").is_file()
+
+
+def test_limit_keeps_every_class_and_one_class_data_prints_without_error() -> None:
+    """--limit takes images round-robin over the classes (a split listed class by class would
+    otherwise give one class only), and a one-class card prints n/a for balanced numbers."""
+    from histoshield.audit import format_card
+    from histoshield.data.records import Record
+    from histoshield.evaluation.predict import filter_records
+
+    recs = [Record(path=Path(f"{c}{i}.png"), label=c) for c in ("benign", "malignant")
+            for i in range(10)]  # fmt: skip
+    kept = filter_records(recs, ["benign", "malignant"], limit=8)
+    assert [r.label for r in kept].count("benign") == 4 and len(kept) == 8
+    assert kept == sorted(kept, key=recs.index)  # file order kept
+    assert filter_records(recs, ["benign", "malignant"], limit=50) == recs
+    card = {"warnings": [], "name": "m", "data": {"n": 8}, "eps_255": 2.0,
+            "clean": {"accuracy": 1.0, "balanced_accuracy": None}, "worst_case": [],
+            "robust_acc": 1.0, "robust_balanced_acc": None, "attack_forward_passes": 1,
+            "attack_backward_passes": 1, "seconds": 1.0}  # fmt: skip
+    assert "balanced n/a" in format_card(card)

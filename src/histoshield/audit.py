@@ -789,29 +789,34 @@ def gradcam_section(
     }
 
 
+def _f4(v: float | None) -> str:
+    """A fraction with 4 decimals; n/a when undefined (e.g. balanced accuracy of one class)."""
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def format_card(card: dict[str, Any]) -> str:
     """A few plain-text lines: warnings first, then clean and robust accuracy per attack."""
     lines = [f"warning: {w}" for w in card["warnings"]]
     c = card["clean"]
     lines.append(
-        f"{card['name']}: {card['data']['n']} images, clean accuracy {c['accuracy']:.4f} "
-        f"(balanced {c['balanced_accuracy']:.4f})"
+        f"{card['name']}: {card['data']['n']} images, clean accuracy {_f4(c['accuracy'])} "
+        f"(balanced {_f4(c['balanced_accuracy'])})"
     )
     for w in card["worst_case"]:
         if w["eps"] > 0:
             lines.append(
                 f"  eps {w['eps_255']:g}/255: robust accuracy {w['adv_correct']}/{w['n']} = "
-                f"{w['adversarial_accuracy']:.4f} (worst case of {', '.join(w['attacks'])})"
+                f"{_f4(w['adversarial_accuracy'])} (worst case of {', '.join(w['attacks'])})"
             )
     for w in (card.get("stain") or {}).get("worst_case", []):
         if w["eps"] > 0:
             lines.append(
                 f"  stain {w['eps']:g}: robust accuracy {w['adv_correct']}/{w['n']} = "
-                f"{w['adversarial_accuracy']:.4f} (worst case of {', '.join(w['attacks'])})"
+                f"{_f4(w['adversarial_accuracy'])} (worst case of {', '.join(w['attacks'])})"
             )
     lines.append(
         f"headline (eps {card['eps_255']:g}/255): robust accuracy "
-        f"{card['robust_acc']:.4f}, balanced {card['robust_balanced_acc']:.4f}; "
+        f"{_f4(card['robust_acc'])}, balanced {_f4(card['robust_balanced_acc'])}; "
         f"{card['attack_forward_passes']} forward / {card['attack_backward_passes']} backward "
         f"image passes, {card['seconds']:.1f} s"
     )

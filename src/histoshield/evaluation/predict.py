@@ -235,7 +235,9 @@ def filter_records(
     exclude: str | None = None,
     limit: int | None = None,
 ) -> list[Record]:
-    """Keep class `only`, drop class `exclude`, then the first `limit` (the one rule for all)."""
+    """Keep class `only`, drop class `exclude`, then at most `limit` records taken round-robin
+    over the labels in file order (the one rule for all): a split listed class by class would
+    otherwise give a `--limit` subset of one class only."""
     for flag, value in (("--only", only), ("--target", exclude)):
         if value is not None and value not in classes:
             raise HistoshieldError(f"{flag} {value!r} is not a class of the model ({classes})")
@@ -243,7 +245,18 @@ def filter_records(
         records = [r for r in records if r.label == only]
     if exclude is not None:
         records = [r for r in records if r.label != exclude]
-    return records[:limit] if limit is not None else records
+    if limit is None or len(records) <= limit:
+        return records
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_label.setdefault(r.label, []).append(i)
+    queues = list(by_label.values())
+    keep: list[int] = []
+    while len(keep) < limit:
+        for q in queues:
+            if q and len(keep) < limit:
+                keep.append(q.pop(0))
+    return [records[i] for i in sorted(keep)]
 
 
 def image_tensors(
