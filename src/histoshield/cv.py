@@ -245,13 +245,13 @@ def _robust_row(
     norm: str | None = None,
 ) -> dict[str, Any]:
     """Counts of one attack from its per-image masks: on the `only` class and per class."""
-    from histoshield.evaluation.metrics import balanced_rate, class_rates
+    from histoshield.evaluation.metrics import balanced_rate, class_counts, class_rates
 
     sel = torch.ones(len(y), dtype=torch.bool)
     if cv.only is not None:
         sel = y == classes.index(cv.only)
     n, k = int(sel.sum()), int(adv_ok[sel].sum())
-    present = sorted(set(y.tolist()))
+    counts = class_counts(adv_ok, y)
     return {
         "attack": attack,
         "eps": cv.eps,
@@ -262,8 +262,8 @@ def _robust_row(
         "clean_correct": int(clean_ok[sel].sum()),
         "adv_correct": k,
         "adversarial_accuracy": k / n if n else None,
-        "class_n": {classes[c]: int((y == c).sum()) for c in present},
-        "class_correct": {classes[c]: int(adv_ok[y == c].sum()) for c in present},
+        "class_n": {classes[c]: nc for c, (nc, _) in counts.items()},
+        "class_correct": {classes[c]: kc for c, (_, kc) in counts.items()},
         "class_accuracy": {classes[c]: v for c, v in class_rates(adv_ok, y).items()},
         "balanced_adversarial_accuracy": balanced_rate(adv_ok, y) if len(y) else None,
     }

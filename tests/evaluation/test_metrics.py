@@ -86,7 +86,12 @@ def test_single_class_and_empty() -> None:
 
 
 def test_degenerate_reason_fires_on_constant_and_chance_models_only():
-    from histoshield.evaluation.metrics import balanced_rate, class_rates, degenerate_reason
+    from histoshield.evaluation.metrics import (
+        balanced_rate,
+        class_counts,
+        class_rates,
+        degenerate_reason,
+    )
 
     y = np.array([0] * 10 + [1] * 30)
     assert "malignant for 100%" in degenerate_reason(y, np.ones(40, int), ["benign", "malignant"])
@@ -98,4 +103,5 @@ def test_degenerate_reason_fires_on_constant_and_chance_models_only():
     # hand count: benign 7/10 correct, malignant 15/30 correct -> balanced 0.6
     ok = np.array([True] * 7 + [False] * 3 + [True] * 15 + [False] * 15)
     assert class_rates(ok, y) == {0: 0.7, 1: 0.5}
+    assert class_counts(ok, y) == {0: (10, 7), 1: (30, 15)}
     assert balanced_rate(ok, y) == pytest.approx(0.6)

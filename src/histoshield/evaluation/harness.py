@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from histoshield.errors import HistoshieldError
-from histoshield.evaluation.metrics import balanced_rate, class_rates, wilson_ci
+from histoshield.evaluation.metrics import balanced_rate, class_counts, class_rates, wilson_ci
 from histoshield.specs import parse_number, split_spec
 
 # ---- requests -------------------------------------------------------------------------------
@@ -486,9 +486,9 @@ def worst_case(
             robust &= o.adv_ok
             clean &= o.clean_ok
         n, k = len(y), int(robust.sum())
-        present = sorted(set(y.tolist()))
-        class_n = {c: int((y == c).sum()) for c in present}
-        class_k = {c: int(robust[y == c].sum()) for c in present}
+        counts = class_counts(robust, y)
+        class_n = {c: nc for c, (nc, _) in counts.items()}
+        class_k = {c: kc for c, (_, kc) in counts.items()}
         stain = any(o.row.norm == STAIN for o in group)
         out.append(
             WorstCase(

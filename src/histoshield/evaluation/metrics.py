@@ -120,6 +120,15 @@ DEGENERATE_MAX_SHARE = 0.95
 DEGENERATE_MIN_BALANCED = 0.6
 
 
+def class_counts(correct: ArrayLike, y_true: ArrayLike) -> dict[int, tuple[int, int]]:
+    """Per class present: {class index: (images, of them correct)}."""
+    ok = _np(correct).astype(bool).reshape(-1)
+    yt = _np(y_true).astype(int).reshape(-1)
+    if ok.shape != yt.shape:
+        raise ValueError(f"correct has {ok.size} entries but y_true has {yt.size}")
+    return {int(c): (int((yt == c).sum()), int(ok[yt == c].sum())) for c in np.unique(yt)}
+
+
 def class_rates(correct: ArrayLike, y_true: ArrayLike) -> dict[int, float]:
     """Per-class rate of `correct` (bool per image): {class index: fraction correct}."""
     ok = _np(correct).astype(bool).reshape(-1)

@@ -131,11 +131,12 @@ def counts_of(o: Outcome) -> dict[str, Any]:
 
 
 def class_counts(ok: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Adversarial counts, accuracy and Wilson CI per class present, keyed by class name."""
+    from histoshield.evaluation.metrics import class_counts as counts
     from histoshield.evaluation.metrics import wilson_ci
 
     out = {}
-    for c in sorted(set(y.tolist())):
-        n, k = int((y == c).sum()), int(ok[y == c].sum())
+    for c, (n, k) in counts(ok, y).items():
         ci = wilson_ci(k, n)
         out[classes[c]] = {
             "n": n,
