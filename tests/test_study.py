@@ -238,7 +238,7 @@ def test_config_errors_are_one_line() -> None:
         S.load_study_config("nope.yaml")
     with pytest.raises(HistoshieldError, match="table3_eps"):
         S.load_study_config(None, table3_eps="2/0")
-    with pytest.raises(HistoshieldError, match="bad attack spec"):
+    with pytest.raises(HistoshieldError, match="parameter 'steps' needs a value"):
         S.parse_attack_spec("pgd:steps")
     with pytest.raises(HistoshieldError, match="stain_eps values are stain budgets in"):
         S.load_study_config(None, stain_eps=[0, 1.5])
@@ -246,14 +246,14 @@ def test_config_errors_are_one_line() -> None:
     for key, value, hint in [
         ("stain_attacks", ["pgd:steps=2"], "'pgd' belongs in curve_attacks/extra_attacks"),
         ("curve_attacks", ["hed:steps=2"], "'hed' belongs in stain_attacks"),
-        ("stain_attacks", ["hed:a=2"], "a=2 must be in [0, 1]"),
+        ("stain_attacks", ["hed:a=2"], "a must be in [0, 1] (got 2)"),
     ]:
         with pytest.raises(HistoshieldError, match=None) as e:
             S.check_study_config(base.model_copy(update={key: value}))
         assert hint in str(e.value) and key in str(e.value) and "\n" not in str(e.value)
-    assert S.parse_attack_spec("pgd:steps=10,eps=2/255,rand=false") == (
+    assert S.parse_attack_spec("pgd:steps=10,eps=2/255,random_start=false") == (
         "pgd",
-        {"steps": 10, "eps": 2 / 255, "rand": False},
+        {"steps": 10, "eps": 2 / 255, "random_start": False},
     )
 
 

@@ -10,5 +10,5 @@ def __getattr__(name: str) -> Any:
     if name == "audit":
         import importlib
 
-        return importlib.import_module("histoshield.audit")  # a callable package (audit/__init__.py)
+        return importlib.import_module("histoshield.audit")  # a callable package
     raise AttributeError(f"module 'histoshield' has no attribute {name!r}")

@@ -306,7 +306,8 @@ def attack_cmd(
     split: str | None = typer.Option(None, "--split", help="split.csv (default: the run's)."),
     subset: str = typer.Option("test", "--subset", help="train | val | test | all."),
     attack: str = typer.Option(
-        "fgsm", "--attack", "-a", help="fgsm, pgd:loss=ce, autoattack-binary…"
+        "fgsm", "--attack", "-a",
+        help="fgsm, pgd:loss=ce, autoattack-binary… (`histoshield attacks` lists parameters)",
     ),
     eps: str | None = typer.Option(
         None, "--eps", help="Pixel units: 0,1/255,...,8/255 (default); stain attacks: 0,...,0.2."
@@ -377,6 +378,22 @@ def attack_cmd(
     else:
         typer.echo(format_rows(res["results"], res["sanity"], degenerate=res["degenerate"]))
         typer.echo(f"results: {res['out']}/results.json")
+
+
+@app.command("attacks")
+def attacks_cmd(
+    name: str | None = typer.Argument(None, help="One attack (default: every attack)."),
+) -> None:
+    """Attacks and their spec parameters (type, range, default), read from their schemas."""
+    from histoshield import attacks
+
+    names = [attacks.REGISTRY.get(name).name] if name else attacks.available()
+    for n in names:
+        cls = attacks.REGISTRY.get(n)
+        doc = (cls.__doc__ or n).strip().splitlines()[0]
+        typer.echo(f"{n} ({cls.norm or 'no'} norm): {doc}")
+        for line in attacks.describe(n):
+            typer.echo(f"  {line}")
 
 
 # ---- certify ------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_cli_attack_spec_takes_the_loss(run, tmp_path, capsys):
     assert "pgd's ce loss" in checks["attack_loss_gradient_nonzero"]["detail"]
     assert checks["unbounded_eps_accuracy_near_zero"]["loss"] == "ce"
     code, _, err = run_cli(capsys, "attack", *base, "--attack", "pgd:loss=dlr")
-    assert code == 2 and err.startswith("error: loss must be one of margin, ce")
+    assert code == 2 and err.startswith("error: attack 'pgd': loss must be one of margin, ce")
 
 
 def test_randomized_purifier_eot_reaches_the_attack(run, tmp_path, monkeypatch):

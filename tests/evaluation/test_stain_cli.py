@@ -59,7 +59,7 @@ def test_default_eps_is_the_stain_budget_for_stain_attacks(ckpt, capsys, tmp_pat
     [
         ("hed", "0,0.1,1.5", "stain budget 1.5 is above 1"),
         ("color", "2", "stain budget 2 is above 1"),
-        ("hed:a=3", "0.1", "a=3 must be in [0, 1]"),
+        ("hed:a=3", "0.1", "a must be in [0, 1] (got 3)"),
         ("hed", "0,-0.1", "eps must be >= 0"),
         ("hed", "0,abc", "bad eps 'abc'"),
         ("hed:step_size=5", "0.1", "step_size must be in (0, 1]"),

@@ -296,7 +296,7 @@ BAD_REQUESTS = {
     "queries cap": ({"attack": "square:max_queries=99999", "eps": "2/255"}, 400, "max_queries"),
     "restarts cap": ({"attack": "pgd:restarts=50", "eps": "2/255"}, 400, "restarts must be"),
     "unknown attack": ({"attack": "nope", "eps": "2/255"}, 400, "unknown attack 'nope'"),
-    "unknown param": ({"attack": "pgd:foo=1", "eps": "2/255"}, 400, "does not take foo"),
+    "unknown param": ({"attack": "pgd:foo=1", "eps": "2/255"}, 400, "unknown parameter 'foo'"),
     "reserved param": ({"attack": "pgd:batch_size=1", "eps": "2/255"}, 400, "set by the server"),
     "unknown model": ({"attack": "fgsm", "eps": "2/255", "model": "x"}, 400, "unknown model"),
     "no attack": ({"eps": "2/255"}, 422, "missing field 'attack'"),

@@ -9,7 +9,6 @@ have `norm = "stain"`: their eps is a stain budget (0.2 = ±20%), not pixel unit
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from histoshield.attacks.pgd import PGD
 from histoshield.attacks.pgd_l2 import PGDL2
 from histoshield.attacks.square import Square
 from histoshield.errors import HistoshieldError
+from histoshield.specs import parse_spec
 
 __all__ = [
     "APGDCE",
@@ -62,9 +62,12 @@ __all__ = [
     "LOSSES",
     "Attack",
     "attack_loss",
+    "accepted_params",
     "available",
     "create",
+    "describe",
     "margin_loss",
+    "parse_attack_spec",
     "parse_eps",
     "parse_value",
     "resolve_class",
@@ -79,15 +82,24 @@ def available() -> list[str]:
 
 
 def accepted_params(name: str) -> list[str]:
-    """Keyword parameters an attack accepts (its own plus the common ones)."""
-    cls = _lookup(name)
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            for p in inspect.signature(klass.__init__).parameters.values():
-                if p.kind == p.KEYWORD_ONLY and p.name not in names:
-                    names.append(p.name)
-    return names
+    """Keywords `create` takes for attack `name`: its schema's parameters (own first, then the
+    common ones) plus `classes` (class names, set by callers, never by a spec)."""
+    return [*_lookup(name).schema, "classes"]
+
+
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'pgd:steps=10,restarts=1,loss=ce' → ('pgd', {'steps': 10, 'restarts': 1, 'loss': 'ce'}):
+    the one spec parser (`specs.parse_spec`) on the attacks' typed schemas. Only the parameters
+    the spec sets are returned (the attack derives the rest, e.g. PGD's alpha from eps/steps);
+    a bad spec is one line (unknown attack or parameter with a "did you mean", missing value,
+    wrong type, out of range)."""
+    return parse_spec(spec, REGISTRY.schemas(), "attack", defaults=False)
+
+
+def describe(name: str) -> list[str]:
+    """One line per parameter of attack `name`, read from its schema: 'steps: int >= 1, default
+    10' (what `histoshield attacks` prints and spec errors list)."""
+    return [f"{k}: {p.describe()}" for k, p in _lookup(name).schema.items()]
 
 
 def _lookup(name: str) -> type[Attack]:

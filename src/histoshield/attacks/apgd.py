@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LibraryAttack, check_steps, margin_loss, register
+from histoshield.attacks.base import LibraryAttack, check_steps, count, margin_loss, real, register
 
 
 @register
@@ -45,6 +45,7 @@ class APGDCE(LibraryAttack):
     """
 
     name = "apgd-ce"
+    params = {"steps": count(100), "restarts": count(1), "rho": real(0.75)}
     iterative = True
     randomized = True
     loss = "ce"

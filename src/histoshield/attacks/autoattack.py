@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps, register
+from histoshield.attacks.base import Attack, check_steps, count, register
 from histoshield.errors import HistoshieldError
+from histoshield.specs import Param
 
 COMPONENTS = ("apgd-ce", "apgd-margin", "fab", "square")
 REFERENCE_COMPONENTS = ["apgd-ce", "fab", "square"]
@@ -57,6 +58,11 @@ class AutoAttackBinary(Attack):
     """
 
     name = "autoattack-binary"
+    params = {
+        "steps": count(100),
+        "max_queries": count(1000),
+        "components": Param(str, "+".join(COMPONENTS), rule="names joined by +"),
+    }
     iterative = True
     randomized = True
     supports_targeted = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 from histoshield.errors import HistoshieldError
 from histoshield.registry import Registry
 from histoshield.runtime import image_seed
-from histoshield.specs import parse_number
+from histoshield.specs import Param, parse_number
 
 
 def parse_eps(text: str | float | Sequence[float | str]) -> list[float]:
@@ -100,6 +100,18 @@ def succeeded(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> 
     return pred != y if t is None else pred == t
 
 
+def count(default: int | None) -> Param:
+    """A schema entry for an integer >= 1 (steps, restarts, queries, eot, batch size)."""
+    return Param(int, default, lambda v: v >= 1, ">= 1")
+
+
+def real(default: float | None, check=None, rule: str = "", *, fraction: bool = False) -> Param:
+    """A schema entry for a number (fractions like 2/255 work); `check` defaults to >= 0."""
+    if check is None:
+        check, rule = (lambda v: v >= 0), ">= 0"
+    return Param(float, default, check, rule, fraction=fraction)
+
+
 def check_steps(steps: int, name: str = "steps") -> int:
     """Steps/iterations must be a positive integer."""
     if int(steps) != steps or steps < 1:
@@ -179,6 +191,27 @@ class Attack:
     # True when `perturb`'s last operation already is the eps-ball ∩ [0,1] projection: the
     # final guard would then be a no-op pass over the batch, so it is skipped (hot path).
     output_in_ball = False
+    # The typed parameter schema: `params` holds the ones a class adds (or whose default it
+    # changes); `schema` (built per subclass by __init_subclass__) is the full set, own first.
+    # The one spec parser (`histoshield.specs.parse_spec`) reads it, and so do the serve API,
+    # `histoshield attacks` and `accepted_params`; tests check it against the signatures.
+    params: ClassVar[dict[str, Param]] = {
+        "eps": real(8 / 255, fraction=True),
+        "target": Param(str, None),
+        "seed": Param(int, 0),
+        "eot": count(None),
+        "batch_size": count(None),
+        "early_stop": Param(bool, False),
+        "amp": Param(bool, False),
+        "channels_last": Param(bool, False),
+    }
+    schema: ClassVar[dict[str, Param]] = dict(params)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = dict(vars(cls).get("params", {}))
+        inherited = {k: v for k, v in cls.__mro__[1].schema.items() if k not in own}
+        cls.schema = {**own, **inherited}
 
     def __init__(
         self,
@@ -446,6 +479,8 @@ class LossAttack(Attack):
     classes CE = softplus(margin), so ∇CE = σ(margin)·∇margin points the same way wherever CE's
     gradient is not zero: sign steps are the paper's, minus the saturation failure.
     """
+
+    params = {"loss": Param(str, "margin", lambda v: v.lower() in LOSSES, "one of margin, ce")}
 
     def __init__(self, model: nn.Module, *, loss: str = "margin", **common: Any) -> None:
         super().__init__(model, **common)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, attack_loss, check_steps, register
+from histoshield.attacks.base import Attack, attack_loss, check_steps, count, real, register
 
 
 @register
@@ -50,6 +50,14 @@ class CWL2(Attack):
     """
 
     name = "cw-l2"
+    params = {
+        "eps": real(None, fraction=True),
+        "steps": count(100),
+        "c": real(1.0),
+        "kappa": real(0.0),
+        "lr": real(0.01),
+        "search_steps": count(1),
+    }
     minimum_norm = True
     norm = "l2"
 

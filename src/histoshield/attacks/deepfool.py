@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import Attack, check_steps, register
+from histoshield.attacks.base import Attack, check_steps, count, real, register
 
 
 @register
@@ -44,6 +44,7 @@ class DeepFool(Attack):
     """
 
     name = "deepfool"
+    params = {"eps": real(None, fraction=True), "steps": count(50), "overshoot": real(0.02)}
     minimum_norm = True
 
     def __init__(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LibraryAttack, check_steps, register
+from histoshield.attacks.base import LibraryAttack, check_steps, count, register
 
 
 @register
@@ -42,6 +42,7 @@ class FAB(LibraryAttack):
     """
 
     name = "fab"
+    params = {"steps": count(10), "restarts": count(1)}
     minimum_norm = True
     randomized = True
     supports_targeted = False

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import register
+from histoshield.attacks.base import real, register
 from histoshield.attacks.stain import MAX_BUDGET, StainAttack
 from histoshield.data.transforms import hed_transform
 from histoshield.errors import HistoshieldError
@@ -54,6 +54,10 @@ class HED(StainAttack):
     """
 
     name = "hed"
+    params = {
+        "a": real(None, lambda v: 0 <= v <= MAX_BUDGET, "in [0, 1]"),
+        "b": real(None, lambda v: 0 <= v <= MAX_BUDGET, "in [0, 1]"),
+    }
     iterative = True
     randomized = True
     baseline = "hed-random"  # the random search sanity compares against

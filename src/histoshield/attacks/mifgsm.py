@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, check_steps, register
+from histoshield.attacks.base import LossAttack, check_steps, count, real, register
 
 
 @register
@@ -39,6 +39,7 @@ class MIFGSM(LossAttack):
     """
 
     name = "mifgsm"
+    params = {"steps": count(10), "alpha": real(None, fraction=True), "decay": real(1.0)}
     iterative = True
     output_in_ball = True  # every step ends with the eps-ball ∩ [0,1] clamp
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, check_steps, register
+from histoshield.attacks.base import LossAttack, check_steps, count, real, register
 from histoshield.errors import HistoshieldError
+from histoshield.specs import Param
 
 
 @register
@@ -47,6 +48,12 @@ class PGD(LossAttack):
     """
 
     name = "pgd"
+    params = {
+        "steps": count(10),
+        "alpha": real(None, fraction=True),
+        "restarts": count(1),
+        "random_start": Param(bool, None),
+    }
     iterative = True
     randomized = True
     default_random_start = True

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from histoshield.attacks.base import Attack, attack_loss, check_steps, register
+from histoshield.attacks.base import Attack, attack_loss, check_steps, count, real, register
 
 # Fractions of the image changed per step, halved at these (rescaled) iteration counts.
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -50,6 +50,7 @@ class Square(Attack):
     """
 
     name = "square"
+    params = {"max_queries": count(1000), "p_init": real(0.8)}
     iterative = True
     black_box = True
     randomized = True

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from histoshield.attacks.base import LossAttack, check_steps
+from histoshield.attacks.base import LossAttack, check_steps, count, real
 from histoshield.errors import HistoshieldError
+from histoshield.specs import Param
 
 MAX_BUDGET = 1.0  # at eps = 1 a stain factor may reach 0: beyond it the transform inverts
 
@@ -32,6 +33,13 @@ class StainAttack(LossAttack):
     """Base of stain attacks: subclasses define `box`, `identity` and `apply`."""
 
     name = "stain"
+    params = {
+        "eps": real(0.2),
+        "steps": count(10),
+        "restarts": count(1),
+        "step_size": real(None, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "random_start": Param(bool, True),
+    }
     norm = "stain"
     output_in_ball = True  # apply() keeps images in [0,1]; there is no pixel ball to project on
     random_search = False

@@ -22,7 +22,6 @@ from torch import nn
 
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.metrics import balanced_rate, class_counts, class_rates, wilson_ci
-from histoshield.specs import parse_number, split_spec
 
 # ---- requests -------------------------------------------------------------------------------
 
@@ -43,26 +42,11 @@ class AttackRun:
 
 
 def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'pgd:steps=10,restarts=1' → ('pgd', {'steps': 10, 'restarts': 1})."""
-    name, items = split_spec(spec)
-    params: dict[str, Any] = {}
-    for key, raw in items:
-        if raw is None:
-            raise HistoshieldError(f"bad attack spec {spec!r}: write name:key=value,key=value")
-        params[key] = _value(raw)
-    return name, params
+    """'pgd:steps=10,restarts=1' → ('pgd', {'steps': 10, 'restarts': 1}): the one typed spec
+    parser (`attacks.parse_attack_spec`), imported when first used so this module stays light."""
+    from histoshield.attacks import parse_attack_spec as parse
 
-
-def _value(text: str) -> Any:
-    """An int, else a number or fraction, else true/false, else the text itself."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return parse_number(text, "value")
-    except HistoshieldError:
-        return {"true": True, "false": False}.get(text.lower(), text)
+    return parse(spec)
 
 
 def runs_for(spec: str, eps_values: Iterable[float]) -> list[AttackRun]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
-import inspect
 import math
 import threading
 import time
@@ -113,15 +112,16 @@ def smoothing_sigma(defense: str | None) -> float | None:
     """sigma of a 'gaussian:sigma=…' defense (the model randomized smoothing suits), else None."""
     if not defense:
         return None
-    from histoshield.evaluation.harness import parse_attack_spec
+    from histoshield import defenses
+    from histoshield.specs import parse_spec
 
     try:
-        name, params = parse_attack_spec(defense)
+        name, params = parse_spec(defense, defenses.REGISTRY.schemas(), "defense")
     except HistoshieldError:
         return None
     if name != "gaussian":
         return None
-    return float(params.get("sigma", 0.1))
+    return float(params["sigma"])
 
 
 def b64png(png: bytes) -> str:
@@ -479,14 +479,8 @@ class Service:
 
 
 def _defaults(cls: type) -> dict[str, Any]:
-    """Keyword-only defaults of an attack class and its bases."""
-    out: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass):
-            for p in inspect.signature(klass.__init__).parameters.values():
-                if p.kind == p.KEYWORD_ONLY:
-                    out[p.name] = None if p.default is inspect.Parameter.empty else p.default
-    return out
+    """Parameter defaults of an attack class, from its typed schema (`Attack.schema`)."""
+    return {k: p.default for k, p in cls.schema.items()}
 
 
 def _jsonable(v: Any) -> bool:
