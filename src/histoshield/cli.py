@@ -156,6 +156,7 @@ def train_cmd(
     """Train a classifier; writes config, split, metrics.csv, accuracy.png, best/last.pt."""
     import time
 
+    from histoshield.report.training import training_figures
     from histoshield.training import resolve_config, train
 
     if run is not None and not resume:
@@ -181,7 +182,8 @@ def train_cmd(
         from histoshield.defenses import create as create_defense
 
         hook = create_defense(cfg.defense)
-    res = train(cfg, folder, resume=resume, defense=hook, progress=not quiet)
+    res = train(cfg, folder, resume=resume, defense=hook, progress=not quiet,
+                figures=training_figures)  # fmt: skip
     if res:  # only rank 0 returns results
         t = res["test"]
         acc = "n/a" if t["accuracy"] is None else f"{t['accuracy']:.4f}"

@@ -16,6 +16,7 @@ from histoshield import models
 from histoshield.config import AugmentConfig, TrainConfig
 from histoshield.data import labels_of, load_arrays, read_split, to_float
 from histoshield.errors import HistoshieldError
+from histoshield.report.training import training_figures
 from histoshield.training import loop, resolve_config, train
 
 
@@ -46,7 +47,7 @@ def test_learns_and_writes_run_folder(tmp_path: Path) -> None:
         augment=AugmentConfig(crop_scale=None, color_jitter=0.0, hed_sigma=0.0),
     )
     run = tmp_path / "run"
-    res = train(cfg, run, progress=False)
+    res = train(cfg, run, progress=False, figures=training_figures)  # as the CLI draws
     for f in ("config.yaml", "env.json", "split.csv", "metrics.csv", "accuracy.png", "best.pt",
               "last.pt", "results.json"):  # fmt: skip
         assert (run / f).is_file(), f

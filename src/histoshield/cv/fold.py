@@ -25,6 +25,7 @@ def run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
     from histoshield.data.splits import write_split
     from histoshield.evaluation.metrics import classification_metrics, degenerate_reason
     from histoshield.evaluation.predict import predict_proba
+    from histoshield.report.training import training_figures
     from histoshield.training import train
 
     tcfg: TrainConfig = ctx["tcfg"]
@@ -49,7 +50,7 @@ def run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
 
             defense = create_defense(fcfg.defense)
         res = train(fcfg, run, resume=(run / "last.pt").is_file(), defense=defense,
-                    progress=ctx["progress"])  # fmt: skip
+                    progress=ctx["progress"], figures=training_figures)  # fmt: skip
         barrier(dist)  # rank 0 has written best.pt and results.json
         if not main:  # DDP training returns its results on rank 0 only
             res = read_json(run / "results.json")

@@ -71,6 +71,7 @@ def stage_split(ctx: Context) -> dict[str, Any]:
 
 
 def stage_train(ctx: Context, name: str, defense_spec: str | None) -> dict[str, Any]:
+    from histoshield.report.training import training_figures
     from histoshield.training import train
 
     run = ctx.out / name
@@ -84,7 +85,8 @@ def stage_train(ctx: Context, name: str, defense_spec: str | None) -> dict[str, 
         res = read_json(run / "results.json")  # finished before the study could record it
     else:
         resume = (run / "last.pt").is_file()
-        res = train(tcfg, run, resume=resume, defense=defense, progress=ctx.progress)
+        res = train(tcfg, run, resume=resume, defense=defense, progress=ctx.progress,
+                    figures=training_figures)  # fmt: skip
     info = {
         "run_dir": name,
         "defense": defense_spec,

@@ -2,7 +2,8 @@
 
 `train(cfg, out)` decodes the data once into uint8 tensors, trains with per-epoch validation,
 keeps `best.pt` (selection metric below) and `last.pt` (everything needed to resume), and
-writes metrics.csv, accuracy.png and results.json into `out`.
+writes metrics.csv and results.json into `out`; `figures(history, out, cfg)`, when given, draws
+after every saved epoch (callers pass `report.training.training_figures`: accuracy.png).
 
 Reproducibility: every epoch's shuffling, augmentation and global torch/numpy/python RNG are
 re-derived from (seed, epoch), and `last.pt` also stores the RNG states, optimizer, scheduler
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,10 @@ def train(
     resume: bool = False,
     defense: Any = None,
     progress: bool = True,
+    figures: Callable[[list[dict[str, Any]], Path, TrainConfig], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train `cfg.model` on `cfg.data`, writing the run folder `out`; returns results.json."""
+    """Train `cfg.model` on `cfg.data`, writing the run folder `out`; returns results.json.
+    `figures(history, out, cfg)` runs after every saved epoch (rank 0), e.g. to draw curves."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HistoshieldError(f"{out} is a file, not a run folder; choose another --out")
@@ -91,6 +95,7 @@ def train(
         ctx = D.setup(cfg.device)
         try:
             run = _setup(cfg, out, resume, defense, progress, ctx)
+            run.figures = figures
             return _run_epochs(run)
         finally:
             ctx.close()
@@ -113,6 +118,7 @@ class Run:
     progress: bool
     show: bool  # progress bars (a terminal, rank 0)
     t_start: float
+    figures: Callable[..., Any] | None = None  # drawn after every saved epoch (report's plots)
 
     @property
     def adversarial(self) -> bool:
@@ -173,6 +179,8 @@ def _run_epochs(run: Run) -> dict[str, Any]:
             run.warn(f"epoch {epoch}: {what}: {va['degenerate']}")
         if ctx.is_main:
             save_epoch(run.out, cfg, run.classes, run.stepper, run.sched, state, sel)
+            if run.figures is not None:
+                run.figures(state.history, run.out, cfg)
         ctx.barrier()
         if state.stopped:
             run.say(state.stopped)

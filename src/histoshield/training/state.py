@@ -113,7 +113,7 @@ def save_epoch(
     state: RunState,
     sel: Selection,
 ) -> None:
-    """best.pt (when this epoch won), last.pt with everything --resume needs, metrics, plot."""
+    """best.pt (when this epoch won), last.pt with everything --resume needs, metrics.csv."""
     from histoshield import models
 
     row = state.history[-1]
@@ -136,10 +136,3 @@ def save_epoch(
         out / "last.pt", model, config=config, metrics=meta, extra={"train_state": state_out}
     )
     write_text(out / "metrics.csv", metrics_csv(state.history))
-    _plot(state.history, out, cfg)
-
-
-def _plot(history: list[dict[str, Any]], out: Path, cfg: TrainConfig) -> None:
-    from histoshield.training.plots import plot_accuracy
-
-    plot_accuracy(history, out / "accuracy.png", title=f"{cfg.model} ({cfg.weights})")

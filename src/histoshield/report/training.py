@@ -1,6 +1,8 @@
 """Figure 5 of a training run: training and validation accuracy per epoch (matplotlib, Agg).
 
-Comparisons of several runs are report figures (`report.figures.validation_curves`)."""
+The training loop never imports report: its callers (`histoshield train`, the study, cv) pass
+`training_figures` as `train(..., figures=)`, which redraws accuracy.png after every saved
+epoch. Comparisons of several runs are report figures (`report.figures.validation_curves`)."""
 
 from __future__ import annotations
 
@@ -46,3 +48,8 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, *, title: str = 
         return atomic_write(path, lambda p: fig.savefig(p, format="png"))
     finally:
         plt.close(fig)
+
+
+def training_figures(history: list[dict[str, Any]], out: Path, cfg: Any) -> None:
+    """`train`'s `figures` callback: out/accuracy.png from the epoch rows so far."""
+    plot_accuracy(history, Path(out) / "accuracy.png", title=f"{cfg.model} ({cfg.weights})")
