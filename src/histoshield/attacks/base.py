@@ -241,9 +241,12 @@ class Attack:
         self.early_stop = _check_bool(early_stop, "early_stop")
         self.amp = _check_bool(amp, "amp")
         self.channels_last = _check_bool(channels_last, "channels_last")
-        self.generator: torch.Generator | None = None  # per batch, seeded from its image indices
         self.index: torch.Tensor | None = None  # global indices of the images in this batch
-        self._image_gens: list[torch.Generator] = []
+        # Generators are made on first use (most attacks draw nothing, or only at the start):
+        # per image, seeded image_seed(seed, index[i]); per batch (`generator`) from the indices.
+        self._device: torch.device | None = None
+        self._image_gens: list[torch.Generator | None] = []
+        self._generator: torch.Generator | None = None
         self.queries: torch.Tensor | None = None  # model queries per image (black-box attacks)
         self.grad_stats = {"n": 0, "zero": 0, "nan": 0}
         self.passes = {"forward": 0, "forward_backward": 0}
@@ -388,16 +391,37 @@ class Attack:
         (None: every image of the batch) from that image's own generator, so an image's
         draws never depend on which other images share its batch."""
         picked = range(len(self._image_gens)) if rows is None else rows.tolist()
-        fn = torch.randn if normal else torch.rand
-        device = device if device is not None else (self.generator.device if self.generator
-                                                    else "cpu")  # fmt: skip
-        draws = [
-            fn(tuple(shape), generator=self._image_gens[r], device=device, dtype=dtype)
-            for r in picked
-        ]
-        if not draws:
-            return torch.empty((0, *shape), device=device, dtype=dtype)
-        return torch.stack(draws)
+        device = device if device is not None else (self._device or "cpu")
+        # Each row is filled in place by its image's generator: the same numbers as
+        # torch.rand(shape, generator=g) (which is empty(shape).uniform_(generator=g)), without
+        # a tensor per image and the stack copy.
+        out = torch.empty((len(picked), *shape), device=device, dtype=dtype)
+        for j, r in enumerate(picked):
+            row = out[j]
+            if normal:
+                row.normal_(generator=self._image_gen(r))
+            else:
+                row.uniform_(generator=self._image_gen(r))
+        return out
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The batch's generator (library attacks draw per batch), seeded from the seed and the
+        batch's image indices; None outside a call."""
+        if self._generator is None and self.index is not None:
+            first = int(self.index[0]) if len(self.index) else 0
+            batch_seed = image_seed(self.seed, first, salt=f"batch{len(self.index)}")
+            self._generator = torch.Generator(device=self._device).manual_seed(batch_seed)
+        return self._generator
+
+    def _image_gen(self, row: int) -> torch.Generator:
+        """Batch image `row`'s generator, made (seeded from its global index) on first use."""
+        g = self._image_gens[row]
+        if g is None:
+            assert self.index is not None
+            seed = image_seed(self.seed, int(self.index[row]))
+            g = self._image_gens[row] = torch.Generator(device=self._device).manual_seed(seed)
+        return g
 
     def num_classes(self, x: torch.Tensor) -> int:
         """Number of model outputs (from `classes` when known, else one forward pass)."""
@@ -420,16 +444,12 @@ class Attack:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _seed_batch(self, index: torch.Tensor, device: torch.device) -> None:
-        """Per-image generators for this batch, and one batch generator (for library attacks,
-        which draw per batch) seeded from the seed and the batch's image indices."""
+        """Start a batch: its image indices; its per-image generators and batch generator are
+        made when first drawn from (an attack that draws nothing makes none)."""
         self.index = index
-        self._image_gens = [
-            torch.Generator(device=device).manual_seed(image_seed(self.seed, i))
-            for i in index.tolist()
-        ]
-        first = int(index[0]) if len(index) else 0
-        batch_seed = image_seed(self.seed, first, salt=f"batch{len(index)}")
-        self.generator = torch.Generator(device=device).manual_seed(batch_seed)
+        self._device = device
+        self._image_gens = [None] * len(index)
+        self._generator = None
 
     def _count_pass(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: count images per model call, as gradient passes when the input
