@@ -78,8 +78,8 @@ class StainAttack(LossAttack):
         self.random_start = bool(random_start)
         if draws is None:
             draws = self.steps if self.default_draws is None else self.default_draws
-        if isinstance(draws, bool) or not isinstance(draws, (int, float)) or int(draws) != draws \
-                or draws < 0:
+        whole = isinstance(draws, (int, float)) and not isinstance(draws, bool)
+        if not whole or int(draws) != draws or draws < 0:
             raise HistoshieldError(f"draws must be an integer >= 0, got {draws!r}")
         self.draws = 0 if self.random_search else int(draws)
         self.last_theta: torch.Tensor | None = None  # chosen parameters (N, P) of the last batch
