@@ -30,7 +30,8 @@ def variant_train_config(cfg: StudyConfig, variant: str) -> TrainConfig:
 
     assert cfg.stain_cv is not None
     base = cfg.train.model_dump(mode="json")
-    base.update(data=cfg.data, split=None, seed=cfg.seed, defense=None)  # as `original`
+    # as `original`: the study's data, seed and split_by (the inner split); no defense
+    base.update(data=cfg.data, split=None, split_by=cfg.split_by, seed=cfg.seed, defense=None)
     try:
         return TrainConfig.model_validate(_merge(base, cfg.stain_cv.variants[variant]))
     except ValidationError as e:
