@@ -14,6 +14,18 @@ from histoshield.specs import parse_number
 T = TypeVar("T", bound=BaseModel)
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The YAML presets shipped inside the package: {name: path} (study and cv presets)."""
+    from importlib import resources
+
+    folder = resources.files("histoshield") / "configs"
+    return {
+        p.name.removesuffix(".yaml"): Path(str(p))
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml")
+    }
+
+
 class Strict(BaseModel):
     """Base for configs: unknown keys are errors, so a typo never silently does nothing."""
 
@@ -220,6 +232,44 @@ class CVConfig(Strict):
         return parse_eps_value(v)
 
 
+STAIN_CV_ATTACKS = [
+    "pgd:steps=5,restarts=1",
+    "hed:a=0.2,b=0.2,steps=5",
+    "hed-random:a=0.2,b=0.2,steps=5",
+]
+
+
+class StainCVConfig(CVConfig):
+    """The study's optional `stain_cv` stage (docs/stain.md): one patient-level CV per variant
+    of the study's train section, compared on held-out patients. Each variant is a mapping of
+    train-section overrides (e.g. `{defense: "hed-at:a=0.2,b=0.2,steps=3"}` or
+    `{stain_norm: reinhard}`); the other keys are the cv settings for every variant."""
+
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    folds: int = Field(3, ge=2)
+    # stain attacks carry their box in the spec (a, b / factor, hue); eps is the L∞ attacks'
+    attacks: list[str] = Field(default_factory=lambda: list(STAIN_CV_ATTACKS), min_length=1)
+    only: str | None = None  # attack every held-out tile: balanced robust accuracy per fold
+
+    @field_validator("variants")
+    @classmethod
+    def _slugs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import re
+
+        for name, over in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"stain_cv variant name {name!r} must be a folder name such "
+                                 "as hed-at (letters, digits, '-', '_', '.')")  # fmt: skip
+            if not isinstance(over, dict):
+                raise ValueError(f"stain_cv variant {name!r} must map train keys to values, "
+                                 "e.g. {defense: 'hed-at:a=0.2,b=0.2,steps=3'}")  # fmt: skip
+            bad = sorted(set(over) & {"data", "split", "seed"})
+            if bad:
+                raise ValueError(f"stain_cv variant {name!r} sets {', '.join(bad)}: every "
+                                 "variant uses the study's data and seed")  # fmt: skip
+        return v
+
+
 class StudyConfig(Strict):
     """The paper's protocol end to end (`histoshield study`); `configs/*.yaml` hold presets."""
 
@@ -250,6 +300,7 @@ class StudyConfig(Strict):
     sanity_limit: int | None = Field(32, ge=1)  # test images the self-checks attack (None = all)
     batch_size: int = Field(64, ge=1)  # evaluation / attack batch
     cv: CVConfig = Field(default_factory=CVConfig)  # used by `histoshield cv`, not by `study`
+    stain_cv: StainCVConfig | None = None  # the optional `stain_cv` stage (off by default)
 
     @field_validator("table3_eps", mode="before")
     @classmethod

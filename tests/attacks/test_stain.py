@@ -218,3 +218,74 @@ def test_optimised_vs_random_check_fails_when_random_search_wins(colour_task, mo
     check = check_stain_vs_random(model, x, y, rows, "hed", {"steps": 10}, {"batch_size": 64})
     assert not check["passed"] and check["upper_bound"]
     assert "hed-random" in check["detail"]
+
+
+# ---- color: the walk starts from the best of color-random's draws ---------------------------
+
+
+def _margins(model: nn.Module, adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from histoshield.attacks.base import margin_loss
+
+    with torch.no_grad():
+        return margin_loss(model(adv), y)
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.2])
+def test_color_is_never_weaker_than_color_random_per_image(colour_task, eps) -> None:
+    model, x, y = colour_task
+    kw = {"eps": eps, "steps": 4, "restarts": 2, "seed": 3}
+    opt = attacks.create("color", model, **kw)
+    rnd = attacks.create("color-random", model, **kw)
+    assert opt.draws == 4 and rnd.draws == 0
+    m_opt, m_rnd = _margins(model, opt(x, y), y), _margins(model, rnd(x, y), y)
+    # every random candidate is among the attack's: its best margin is at least as high
+    assert bool((m_opt >= m_rnd - 1e-5).all()), float((m_opt - m_rnd).min())
+    assert _acc(model, opt(x, y), y) <= _acc(model, rnd(x, y), y)
+    assert float((m_opt - m_rnd).max()) > 0  # and the walk climbs above the draws somewhere
+
+
+def test_color_with_a_misleading_gradient_still_matches_random_search(colour_task, monkeypatch):
+    from histoshield.attacks.color_jitter import ColorJitter
+    from histoshield.attacks.stain import StainAttack
+    from histoshield.evaluation.sanity import check_stain_vs_random
+
+    model, x, y = colour_task
+
+    def wrong_way(self, *a):
+        grad, loss = StainAttack.theta_grad(self, *a)
+        return -grad, loss
+
+    monkeypatch.setattr(ColorJitter, "theta_grad", wrong_way)
+    rows, common = [{"eps": 0.05}], {"batch_size": 64}
+    walk_only = check_stain_vs_random(model, x, y, rows, "color", {"steps": 10, "draws": 0}, common)
+    assert not walk_only["passed"]  # the walk alone loses to random search (the old failure)
+    default = check_stain_vs_random(model, x, y, rows, "color", {"steps": 10}, common)
+    assert default["passed"], default  # starting from the draws, it never does
+
+
+def test_hed_keeps_its_walk_from_one_random_start() -> None:
+    assert attacks.create("hed", nn.Identity(), eps=0.2).draws == 0
+    assert attacks.create("hed", nn.Identity(), eps=0.2, draws=3).draws == 3
+    assert attacks.create("color", nn.Identity(), eps=0.2, steps=7).draws == 7
+
+
+def test_color_factor_and_hue_set_the_box_whatever_eps() -> None:
+    atk = attacks.create("color", nn.Identity(), eps=2 / 255, factor=0.2, hue=0.1)
+    lo, hi = atk.box(torch.zeros(1, 3, 2, 2))
+    assert lo.tolist() == pytest.approx([0.8] * 3 + [-0.1])
+    assert hi.tolist() == pytest.approx([1.2] * 3 + [0.1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"factor": 1.5}, "factor=1.5 must be in [0, 1]"),
+        ({"hue": 0.7}, "hue=0.7 must be in [0, 0.5]"),
+        ({"draws": -1}, "draws must be an integer >= 0"),
+        ({"draws": 2.5}, "draws must be an integer >= 0"),
+    ],
+)
+def test_bad_color_settings_are_one_line_errors(kwargs, fragment) -> None:
+    with pytest.raises(HistoshieldError) as e:
+        attacks.create("color", nn.Identity(), eps=0.1, **kwargs)
+    assert fragment in str(e.value) and "\n" not in str(e.value)

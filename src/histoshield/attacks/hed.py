@@ -35,6 +35,9 @@ class HED(StainAttack):
         step_size (float | None, default None): signed step as a fraction of each parameter's
             range, in (0, 1]; None = min(1, 2.5 / (2 · steps)).
         random_start (bool, default True): start each walk at a uniform point of the box.
+        draws (int | None, default None): uniform points per restart evaluated before the walk,
+            which starts at each image's best of them; None = 0 for hed (its walk beats random
+            search on real tiles, docs/stain.md).
         loss (str, default "margin"): "margin" or "ce"; see `LossAttack`.
         eps, target, classes, seed, eot, batch_size: see `Attack` (eps is the stain budget).
 
@@ -99,6 +102,8 @@ class HEDRandom(HED):
         step_size (float | None, default None): signed step as a fraction of each parameter's
             range, in (0, 1]; None = min(1, 2.5 / (2 · steps)).
         random_start (bool, default True): start each walk at a uniform point of the box.
+        draws (int | None, default None): not used: random search's points are its
+            `steps × restarts` draws.
         loss (str, default "margin"): "margin" or "ce"; see `LossAttack`.
         eps, target, classes, seed, eot, batch_size: see `Attack` (eps is the stain budget).
 

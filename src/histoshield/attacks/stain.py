@@ -16,6 +16,16 @@ draws `steps × restarts` parameter vectors uniformly from the box and keeps the
 the same number of candidate points, no gradients — if it beats the optimiser, the gradient is
 misleading (a masking check). Cost: `steps` forward+backward passes per restart (random search:
 `steps × restarts` forwards); plus one forward per restart for the last iterate.
+
+With `draws = D > 0` each restart first evaluates D uniform points of the box and starts its
+walk at each image's best of them (instead of one uniform start). These are the very draws of the
+random search of the same seed (the per-image generators yield the same sequence), so with
+D = steps the optimised attack's candidates include all of `steps × restarts` random-search
+candidates and it is never weaker than that search per image — the way AutoAttack runs Square
+beside APGD. Where the box has flat regions (brightness clipping bright pixels to white, where
+the gradient is zero) or several local maxima (hue is a rotation), a walk from one uniform point
+can stall below what random search finds; the draws pick a good basin, the walk climbs it.
+Cost: D forwards per restart more. Families set their default (`default_draws`).
 """
 
 from __future__ import annotations
@@ -39,11 +49,15 @@ class StainAttack(LossAttack):
         "restarts": count(1),
         "step_size": real(None, lambda v: 0 < v <= 1, "in (0, 1]"),
         "random_start": Param(bool, True),
+        # uniform draws per restart before the walk; None = the class's `default_draws`
+        "draws": Param(int, None, lambda v: v >= 0, ">= 0"),
     }
     norm = "stain"
     output_in_ball = True  # apply() keeps images in [0,1]; there is no pixel ball to project on
     random_search = False
     baseline: str | None = None  # registry name of the same box searched at random
+    # uniform draws per restart before the walk when `draws` is not given; None = `steps`
+    default_draws: int | None = 0
 
     def __init__(
         self,
@@ -54,6 +68,7 @@ class StainAttack(LossAttack):
         restarts: int = 1,
         step_size: float | None = None,
         random_start: bool = True,
+        draws: int | None = None,
         **common,
     ) -> None:
         super().__init__(model, eps=eps, **common)
@@ -71,6 +86,12 @@ class StainAttack(LossAttack):
         if not 0 < self.step_size <= 1:
             raise HistoshieldError(f"step_size must be in (0, 1], got {step_size!r}")
         self.random_start = bool(random_start)
+        if draws is None:
+            draws = self.steps if self.default_draws is None else self.default_draws
+        whole = isinstance(draws, (int, float)) and not isinstance(draws, bool)
+        if not whole or int(draws) != draws or draws < 0:
+            raise HistoshieldError(f"draws must be an integer >= 0, got {draws!r}")
+        self.draws = 0 if self.random_search else int(draws)
         self.last_theta: torch.Tensor | None = None  # chosen parameters (N, P) of the last batch
 
     # ---- what a family defines ----------------------------------------------------------
@@ -136,7 +157,19 @@ class StainAttack(LossAttack):
             return
         width = hi - lo
         for r in range(self.restarts):
-            if self.random_start:
+            if self.draws:
+                theta, theta_loss = None, None
+                for _ in range(self.draws):
+                    cand = self._uniform(n, lo, hi)
+                    loss = self._loss(x, cand, y, t)
+                    yield cand, loss
+                    if theta is None:
+                        theta, theta_loss = cand, loss
+                    else:
+                        better = loss > theta_loss
+                        theta = torch.where(better[:, None], cand, theta)
+                        theta_loss = torch.where(better, loss, theta_loss)
+            elif self.random_start:
                 theta = self._uniform(n, lo, hi)
             else:
                 theta = self.identity(x).to(x).expand(n, -1).clone()

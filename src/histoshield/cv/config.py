@@ -15,8 +15,7 @@ def resolve_cv_config(
     sections; a study's table3_eps/only fill the cv eps/only it does not set), CLI on top."""
     from pydantic import ValidationError
 
-    from histoshield.config import read_yaml
-    from histoshield.study import shipped_configs
+    from histoshield.config import read_yaml, shipped_configs
     from histoshield.training import resolve_config
 
     presets = shipped_configs()

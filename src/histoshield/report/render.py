@@ -306,6 +306,15 @@ def report_blocks(r: dict[str, Any], figs: dict[str, Path], run_dir: Path) -> li
             "Accuracy vs stain budget per attack, and the worst case over the stain attacks; "
             "bands are Wilson 95% CIs (docs/stain.md shows what each budget looks like).",
         )
+    variants = (r.get("stain_cv") or {}).get("variants")
+    if variants:
+        from histoshield.report.stain_cv import comparison_table, per_fold_table
+
+        runs = ", ".join(v["run"] for v in variants if v.get("run"))
+        what = f"One cross-validation per training variant on the same patient folds ({runs})."
+        b += [("h2", "Stain-robust training on held-out patients (patient-level CV)")]
+        b += [("ul", [what + " docs/stain.md reads such a table."])]
+        b += [("table", comparison_table(variants)), ("table", per_fold_table(variants))]
     if r.get("transfer"):
         b += [("h2", "Transfer attacks"), ("table", T.transfer_table(r))]
     if r.get("certified"):

@@ -30,6 +30,8 @@ from histoshield.study.settings import (
 )
 from histoshield.study.shared import read_json
 from histoshield.study.stain import stage_stain
+from histoshield.study.stain_cv import FOLDER as STAIN_CV
+from histoshield.study.stain_cv import stage_stain_cv
 from histoshield.study.tables import stage_clean, stage_table3
 from histoshield.study.train import stage_split, stage_train
 
@@ -50,6 +52,8 @@ def build_stages(cfg: StudyConfig) -> list[Stage]:
     ]
     if cfg.stain_attacks:
         stages.append(Stage("stain", stage_stain))
+    if cfg.stain_cv is not None:
+        stages.append(Stage("stain_cv", stage_stain_cv))
     if cfg.transfer:
         stages.append(Stage("transfer", stage_transfer))
     if cfg.certify.enabled:
@@ -85,6 +89,7 @@ OWNED = (
     "certify.json",
     "figures",
     "examples",
+    STAIN_CV,
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from histoshield.config import StudyConfig, load_config
+from histoshield.config import StudyConfig, load_config, shipped_configs
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.harness import (
     STAIN,
@@ -14,18 +14,6 @@ from histoshield.evaluation.harness import (
 )
 
 ORIGINAL, GAUSSIAN = "original", "gaussian"
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The YAML presets shipped inside the package: {name: path}."""
-    from importlib import resources
-
-    folder = resources.files("histoshield") / "configs"
-    return {
-        p.name.removesuffix(".yaml"): Path(str(p))
-        for p in folder.iterdir()
-        if p.name.endswith(".yaml")
-    }
 
 
 def load_study_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
@@ -91,6 +79,9 @@ def check_study_config(cfg: StudyConfig) -> None:
             create(spec)
         except HistoshieldError as e:
             raise HistoshieldError(f"{key} {spec!r} in the study config: {e}") from None
+    from histoshield.study.stain_cv import check_stain_cv
+
+    check_stain_cv(cfg)
 
 
 _RUNTIME_ONLY = ("train.device", "train.num_workers", "train.cache_dir")
@@ -129,6 +120,8 @@ def stage_keys(stage: str) -> tuple[str, ...]:
         "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
         "gradcam": (*_MODELS_KEYS, "curve_attacks", "extra_attacks", "table3_attack", "table3_eps"),
         "stain": (*_MODELS_KEYS, "stain_attacks", "stain_eps", "sanity", "sanity_limit"),
+        # its own folds and trainings: the study's data, seed and train section, not its split
+        "stain_cv": ("data", "seed", "train", "stain_cv"),
         "report": (),  # reads results only; rebuilt after any accepted change
     }.get(stage, ("*",))  # a stage not listed here: any change may affect it
 
