@@ -1,0 +1,136 @@
+"""docs/generalization.md's 5-fold ablation table: one row per `histoshield cv` run folder.
+
+    python benchmarks/cv_ablation_table.py runs/cv5-base runs/cv5-probe ... [--posthoc 0.9]
+
+Per variant, from each fold's oof.csv and fold.json: fold mean ± sd of balanced accuracy,
+sensitivity and specificity at argmax (p > 0.5), and at the fold's stored threshold when the
+run used `target_sensitivity`; pooled AUC of all out-of-fold tiles; patient-level accuracy
+(mean p over a patient's tiles against the cut); CPU seconds per fold.
+
+`--posthoc T` adds, for runs trained without a threshold, the row the same run would give with
+`target_sensitivity: T`: each fold's best.pt scores its inner validation split (train/split.csv)
+and the threshold is picked exactly as training's operating point does
+(`evaluation.operating.threshold_for_sensitivity`); training does not depend on the target, so
+this equals rerunning with it (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def rates(y: np.ndarray, called: np.ndarray) -> tuple[float, float, float]:
+    """Balanced accuracy, sensitivity, specificity (malignant = 1)."""
+    sens = float(called[y == 1].mean()) if (y == 1).any() else float("nan")
+    spec = float((~called[y == 0]).mean()) if (y == 0).any() else float("nan")
+    return (sens + spec) / 2, sens, spec
+
+
+def ms(v: list[float]) -> str:
+    """Mean ± sd (sample) in percent."""
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{100 * statistics.mean(v):.1f} ± {100 * sd:.1f}"
+
+
+def posthoc_threshold(fold_dir: Path, target: float) -> float:
+    """The threshold training would have stored with target_sensitivity=target."""
+    import torch
+
+    from histoshield import models
+    from histoshield.data.arrays import load_arrays
+    from histoshield.data.splits import read_split
+    from histoshield.evaluation.operating import threshold_for_sensitivity
+    from histoshield.evaluation.predict import predict_proba
+
+    model = models.load_checkpoint(fold_dir / "train" / "best.pt")
+    size = int(model.image_size)
+    val = read_split(fold_dir / "train" / "split.csv").subset("val")
+    arr = load_arrays(val, size, progress=False)
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
+    pos = model.classes.index("malignant")
+    p = predict_proba(model, x, batch_size=64, device=torch.device("cpu"))[:, pos]
+    y = torch.tensor([r.label == "malignant" for r in val])
+    return threshold_for_sensitivity(y, p, target)
+
+
+def read_run(run: Path) -> tuple[dict, list[dict]]:
+    """results.json and the per-fold oof rows."""
+    res = json.loads((run / "results.json").read_text())
+    rows = []
+    for f in res["folds"]:
+        with open(run / f"fold_{f['fold']}" / "oof.csv", newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return res, rows
+
+
+def row(name: str, res: dict, rows: list[dict], thr: dict[int, float] | None) -> list[str]:
+    """One table row at 0.5 (thr None) or at per-fold thresholds."""
+    by_fold: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_fold[int(r["fold"])].append(r)
+    ba, se, sp, pacc = [], [], [], []
+    for k, rs in sorted(by_fold.items()):
+        y = np.array([r["label"] == "malignant" for r in rs], dtype=int)
+        p = np.array([float(r["p_malignant"]) for r in rs])
+        called = p >= thr[k] if thr is not None else p > 0.5
+        b, s, c = rates(y, called)
+        ba.append(b), se.append(s), sp.append(c)
+        pats: dict[str, list[float]] = defaultdict(list)
+        lab: dict[str, int] = {}
+        for r, q in zip(rs, p, strict=True):
+            pats[r["patient"]].append(q)
+            lab[r["patient"]] = int(r["label"] == "malignant")
+        cut = thr[k] if thr is not None else 0.5
+        hits = [(np.mean(v) >= cut if thr is not None else np.mean(v) > cut) == bool(lab[q])
+                for q, v in pats.items()]  # fmt: skip
+        pacc.append(float(np.mean(hits)))
+    y = np.array([r["label"] == "malignant" for r in rows], dtype=int)
+    p = np.array([float(r["p_malignant"]) for r in rows])
+    cpu = [f["seconds"]["cpu"] for f in res["folds"]]
+    return [name, ms(ba), ms(se), ms(sp), f"{100 * min(ba):.1f}", ms(pacc),
+            f"{100 * roc_auc_score(y, p):.1f}", f"{statistics.mean(cpu):.0f}"]  # fmt: skip
+
+
+def main() -> None:
+    """Print the Markdown table (and each fold's balanced accuracy) for the run folders."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--posthoc", type=float, default=None)
+    args = ap.parse_args()
+    head = ["variant", "bal. acc. (fold mean ± sd)", "sensitivity", "specificity",
+            "worst fold bal. acc.", "patient acc.", "pooled AUC", "CPU s / fold"]  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    print("| :--- |" + " ---: |" * (len(head) - 1))
+    notes = []
+    for run in args.runs:
+        res, rows = read_run(run)
+        name = run.name.removeprefix("cv5-")
+        print("| " + " | ".join(row(name, res, rows, None)) + " |")
+        stored = [f.get("threshold") for f in res["folds"]]
+        thr = None
+        if all(t is not None for t in stored):
+            thr, how = {f["fold"]: f["threshold"] for f in res["folds"]}, "stored"
+        elif args.posthoc is not None:
+            thr = {f["fold"]: posthoc_threshold(run / f"fold_{f['fold']}", args.posthoc)
+                   for f in res["folds"]}  # fmt: skip
+            how = f"post hoc {args.posthoc}"
+        if thr is not None:
+            print("| " + " | ".join(row(f"{name} @ threshold ({how})", res, rows, thr)) + " |")
+            notes.append(f"{name} thresholds: " + ", ".join(f"{t:.3f}" for t in thr.values()))
+        per = [f"{100 * f['metrics']['balanced_accuracy']:.1f}" for f in res["folds"]]
+        notes.append(f"{name} per-fold bal. acc. at 0.5: " + " / ".join(per))
+    print()
+    for n in notes:
+        print(f"- {n}")
+
+
+if __name__ == "__main__":
+    main()
