@@ -244,3 +244,38 @@ def test_class_weighted_loss_matches_weighted_cross_entropy():
     assert loss.item() == pytest.approx(
         nn.functional.cross_entropy(logits, y, weight=w).item(), rel=1e-5
     )
+
+
+def test_minority_weight_scales_the_rarest_class_loss():
+    torch.manual_seed(0)
+    model = toy_model()
+    x, _ = toy_data(12, 3)
+    y = torch.tensor([0, 0, 0] + [1] * 9)
+    counts = torch.tensor([30, 90])  # class 0 is the training minority
+    for spec in ("pgd-at:eps=2/255,steps=1,seed=1", "fgsm-rs:eps=2/255,seed=1"):
+        d = defenses.create(spec + ",minority=3")
+        assert d.spec == spec + ",minority=3" and defenses.create(spec).spec == spec
+        with pytest.raises(HistoshieldError, match="class counts"):
+            d.loss(model, x, y)
+        d.set_class_counts(counts)
+        loss, logits = d.loss(model, x, y)
+        ref = nn.functional.cross_entropy(logits, y, weight=torch.tensor([3.0, 1.0]))
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        # on top of the balancing weights, and a no-op without a minority class
+        d.set_class_weights(torch.tensor([2.0, 2 / 3]))
+        loss, logits = d.loss(model, x, y)
+        ref = nn.functional.cross_entropy(logits, y, weight=torch.tensor([6.0, 2 / 3]))
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        d.set_class_weights(None)
+        d.set_class_counts(torch.tensor([50, 50]))
+        loss, logits = d.loss(model, x, y)
+        assert loss.item() == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    trades = defenses.create("trades:eps=2/255,steps=1,beta=0,seed=1,minority=3")
+    trades.set_class_counts(torch.tensor([0, 10, 40]))  # an absent class is not the minority
+    y3 = torch.tensor([1, 1, 1] + [2] * 9)
+    model3 = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 3))
+    loss, logits = trades.loss(model3, x, y3)
+    w = torch.tensor([1.0, 3.0, 1.0])
+    assert loss.item() == pytest.approx(
+        nn.functional.cross_entropy(logits, y3, weight=w).item(), rel=1e-5
+    )

@@ -263,3 +263,17 @@ def test_a_model_that_learned_then_went_constant_is_reported_as_collapse(
     err = capsys.readouterr().err
     assert "warning: epoch 2: collapse: the model predicts malignant" in err
     assert "epoch 1:" not in err
+
+
+def test_training_loop_gives_the_defense_its_class_counts(tmp_path: Path) -> None:
+    seen = []
+
+    class Counting(_EveryOtherIsNoise):
+        def set_class_counts(self, counts):
+            seen.append(counts.tolist())
+
+    cfg = TrainConfig(data="synthetic:n=64,size=32", image_size=32, epochs=1, batch_size=16)
+    train(cfg, tmp_path / "counts", defense=Counting(), progress=False)
+    recs = read_split(tmp_path / "counts" / "split.csv").subset("train")
+    labels = labels_of(recs, ["benign", "malignant"])
+    assert seen == [[int((labels == 0).sum()), int((labels == 1).sum())]]

@@ -4,13 +4,19 @@ A training defense is duck-typed by the training loop: `name`, `spec`, `params`,
 `adversarial`, `stop_on_robust_collapse`, `loss(model, x, y) -> (loss, logits)` and
 `perturb_val(model, x, y) -> x_adv`, plus two optional hooks the loop calls when present:
 `set_epoch(epoch, epochs)` before each epoch (the eps warm-up below) and
-`set_class_weights(w)` once (`TrainConfig.balance=loss`: class-weighted cross-entropy).
+`set_class_weights(w)` once (`TrainConfig.balance=loss`: class-weighted cross-entropy) and
+`set_class_counts(n)` once (training images per class, for `minority=F` below).
 
 Eps warm-up (`warmup=W` epochs, default 2): adversarial training from a pretrained backbone
 at full eps on a 3:1 class imbalance collapsed to one class. So the training eps ramps
 linearly, ε_e = ε · min(1, (e − 1) / W') for epoch e = 1, 2, ..., with W' = min(W, epochs // 2)
 so at least half of any run trains at full ε: with W = 2 the first epoch is clean, the second
 uses ε/2, the rest ε. The step size scales with ε. Validation always attacks at full ε.
+
+Minority weight (`minority=F`, default 1 = off): the training loss of the class with the fewest
+training images is weighted F times (on top of any class balancing). Balanced sampling gives
+each class the same weight; under attack the minority (benign) class was still the fragile one,
+so this moves the adversarial loss's weight towards it.
 
 Randomness: with `seed=None` (the default) every random draw comes from torch's global RNG,
 which the training loop seeds with the run's seed, so a run is reproducible from that seed
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoshield.defenses.spec import Param, canonical
+from histoshield.errors import HistoshieldError
 from histoshield.registry import Registry
 
 VAL_STEPS = 10  # PGD-10 for robust validation, the common fast-AT convention
@@ -46,6 +53,7 @@ EPS = Param(float, 2 / 255, eps_rule, "in (0, 1]", fraction=True)
 ALPHA = Param(float, None, positive, "> 0", fraction=True)  # None: derived from eps
 SEED = Param(int)
 WARMUP = Param(int, 2, lambda v: v >= 0, ">= 0", quiet_default=True)
+MINORITY = Param(float, 1.0, positive, "> 0", quiet_default=True)
 
 
 def warmup_scale(epoch: int, epochs: int, warmup: int) -> float:
@@ -81,6 +89,7 @@ class TrainingDefense:
         self._gen = None if seed is None else torch.Generator().manual_seed(int(seed))
         self.eps_scale = 1.0  # set per epoch by set_epoch (eps warm-up); 1 when used alone
         self.class_weight: torch.Tensor | None = None
+        self.class_counts: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"<defense {self.spec}>"
@@ -107,6 +116,29 @@ class TrainingDefense:
         """Training-loop hook: per-class weights of the training cross-entropy (None = equal)."""
         self.class_weight = None if weight is None else weight.detach().float()
 
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """Training-loop hook: training images per class (used by `minority=F`)."""
+        self.class_counts = counts.detach().reshape(-1).long().cpu()
+
+    def _loss_weight(self) -> torch.Tensor | None:
+        """Per-class loss weights: the balancing weights times `minority` on the rarest class."""
+        m = float(self.params.get("minority", 1.0))
+        if m == 1.0:
+            return self.class_weight
+        if self.class_counts is None:
+            raise HistoshieldError(
+                f"{self.spec}: minority={m:g} needs the training class counts "
+                "(set_class_counts; the training loop sets them)"
+            )
+        counts = self.class_counts
+        present = counts[counts > 0]
+        if len(present) < 2 or int(present.min()) == int(present.max()):
+            return self.class_weight  # no minority class: nothing to weight
+        w = torch.ones(len(counts)) if self.class_weight is None else self.class_weight.clone()
+        rarest = int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+        w[rarest] = w[rarest] * m
+        return w
+
     @property
     def train_eps(self) -> float | None:
         """The eps this epoch trains at (full eps times the warm-up scale); None without eps."""
@@ -116,14 +148,16 @@ class TrainingDefense:
 
     def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Training cross-entropy (in float), class-weighted when the loop asked for it."""
-        w = None if self.class_weight is None else self.class_weight.to(logits.device)
+        w = self._loss_weight()
+        w = None if w is None else w.to(logits.device)
         return F.cross_entropy(logits.float(), y, weight=w)
 
     def _weighted_mean(self, per_sample: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean of a per-sample loss with the class weights, normalised as weighted CE is."""
-        if self.class_weight is None:
+        weight = self._loss_weight()
+        if weight is None:
             return per_sample.mean()
-        w = self.class_weight.to(per_sample.device)[y]
+        w = weight.to(per_sample.device)[y]
         return (w * per_sample).sum() / w.sum().clamp_min(1e-12)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):

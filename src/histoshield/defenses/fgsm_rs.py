@@ -16,14 +16,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histoshield.defenses.base import ALPHA, EPS, SEED, WARMUP, TrainingDefense, register
+from histoshield.defenses.base import (
+    ALPHA,
+    EPS,
+    MINORITY,
+    SEED,
+    WARMUP,
+    TrainingDefense,
+    register,
+)
 
 
 @register
 class FGSMRandomStart(TrainingDefense):
     """FGSM-RS fast adversarial training with the catastrophic-overfitting guard.
 
-    Spec: `fgsm-rs[:eps=E,alpha=A,seed=N,warmup=W]` (build it with `defenses.create`).
+    Spec: `fgsm-rs[:eps=E,alpha=A,seed=N,warmup=W,minority=F]` (build it with `defenses.create`).
 
     Args:
         eps (float, default 2/255): L∞ radius in pixel units, in (0, 1]; fractions work.
@@ -32,6 +40,8 @@ class FGSMRandomStart(TrainingDefense):
             which the training loop seeds with the run's seed.
         warmup (int, default 2): epochs over which eps ramps up linearly, >= 0 (0 = full eps
             from the start; see `defenses.base`).
+        minority (float, default 1): weight of the rarest training class's loss relative to
+            the others', > 0 (on top of `balance`; 1 = off; see `defenses.base`).
 
     Shape:
         `loss(model, x, y)`: x (N,3,H,W) in [0,1], y (N,) long -> (scalar loss, (N,C) logits).
@@ -56,6 +66,7 @@ class FGSMRandomStart(TrainingDefense):
         "alpha": ALPHA,
         "seed": SEED,
         "warmup": WARMUP,
+        "minority": MINORITY,
     }
     adversarial = True
     stop_on_robust_collapse = True

@@ -21,6 +21,7 @@ from torch import nn
 from histoshield.defenses.base import (
     ALPHA,
     EPS,
+    MINORITY,
     SEED,
     WARMUP,
     MultiStepDefense,
@@ -34,7 +35,8 @@ from histoshield.defenses.spec import Param
 class PGDAdversarialTraining(MultiStepDefense):
     """Madry PGD-AT: train on PGD examples inside the ε ball.
 
-    Spec: `pgd-at[:eps=E,steps=S,alpha=A,seed=N,warmup=W]` (build it with `defenses.create`).
+    Spec: `pgd-at[:eps=E,steps=S,alpha=A,seed=N,warmup=W,minority=F]` (build it with
+    `defenses.create`).
 
     Args:
         eps (float, default 2/255): L∞ radius in pixel units, in (0, 1]; fractions work.
@@ -44,6 +46,8 @@ class PGDAdversarialTraining(MultiStepDefense):
             which the training loop seeds with the run's seed.
         warmup (int, default 2): epochs over which eps ramps up linearly, >= 0 (0 = full eps
             from the start; see `defenses.base`).
+        minority (float, default 1): weight of the rarest training class's loss relative to
+            the others', > 0 (on top of `balance`; 1 = off; see `defenses.base`).
 
     Shape:
         `loss(model, x, y)`: x (N,3,H,W) in [0,1], y (N,) long -> (scalar loss, (N,C) logits).
@@ -70,6 +74,7 @@ class PGDAdversarialTraining(MultiStepDefense):
         "alpha": ALPHA,
         "seed": SEED,
         "warmup": WARMUP,
+        "minority": MINORITY,
     }
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):

@@ -22,6 +22,7 @@ from torch import nn
 from histoshield.defenses.base import (
     ALPHA,
     EPS,
+    MINORITY,
     SEED,
     WARMUP,
     MultiStepDefense,
@@ -35,7 +36,7 @@ from histoshield.defenses.spec import Param
 class TRADES(MultiStepDefense):
     """TRADES: clean cross-entropy plus β times the KL between clean and adversarial outputs.
 
-    Spec: `trades[:eps=E,beta=B,steps=S,alpha=A,seed=N,warmup=W]` (build it with
+    Spec: `trades[:eps=E,beta=B,steps=S,alpha=A,seed=N,warmup=W,minority=F]` (build it with
     `defenses.create`).
 
     Args:
@@ -47,6 +48,8 @@ class TRADES(MultiStepDefense):
             which the training loop seeds with the run's seed.
         warmup (int, default 2): epochs over which eps ramps up linearly, >= 0 (0 = full eps
             from the start; see `defenses.base`).
+        minority (float, default 1): weight of the rarest training class's loss relative to
+            the others', > 0 (on top of `balance`; 1 = off; see `defenses.base`).
 
     Shape:
         `loss(model, x, y)`: x (N,3,H,W) in [0,1], y (N,) long -> (scalar loss, (N,C) logits).
@@ -72,6 +75,7 @@ class TRADES(MultiStepDefense):
         "alpha": ALPHA,
         "seed": SEED,
         "warmup": WARMUP,
+        "minority": MINORITY,
     }
 
     def craft(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

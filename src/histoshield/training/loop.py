@@ -21,7 +21,8 @@ balanced robust accuracy falls more than ROBUST_COLLAPSE_DROP below its best; th
 checkpoint is kept.
 
 Defense hooks (duck-typed, optional): `defense.set_epoch(epoch, epochs)` before every epoch
-(eps warm-up) and `defense.set_class_weights(w)` once when `cfg.balance == "loss"`.
+(eps warm-up), `defense.set_class_weights(w)` once when `cfg.balance == "loss"` and
+`defense.set_class_counts(n)` once when the defense has it.
 
 Distributed: under torchrun every rank holds the data, takes a DistributedSampler-style shard
 of the same (seed, epoch) permutation, and metrics are summed over ranks; only rank 0 writes.
@@ -255,6 +256,9 @@ def _setup(
                 "use balance: sampler (or none)"
             )
         defense.set_class_weights(weight)
+    if defense is not None and hasattr(defense, "set_class_counts"):  # for `minority=F`
+        counts = torch.bincount(train_d.y.reshape(-1).cpu(), minlength=len(classes))
+        defense.set_class_counts(counts)
     if ctx.is_main:
         _write_header(cfg, out, resume, iset, ctx)
     _place(cfg, model, data, ctx.device)
