@@ -105,3 +105,13 @@ def test_degenerate_reason_fires_on_constant_and_chance_models_only():
     assert class_rates(ok, y) == {0: 0.7, 1: 0.5}
     assert class_counts(ok, y) == {0: (10, 7), 1: (30, 15)}
     assert balanced_rate(ok, y) == pytest.approx(0.6)
+
+
+def test_constant_reason_names_the_class_and_ignores_mixed_predictions():
+    from histoshield.evaluation.metrics import constant_reason
+
+    y = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+    reason = constant_reason(y, [0] * 10, ["benign", "malignant"])
+    assert reason is not None and "benign" in reason and "100%" in reason
+    assert constant_reason(y, [0, 1] * 5, ["benign", "malignant"]) is None
+    assert constant_reason([1] * 4, [1] * 4) is None  # one true class: nothing to call constant

@@ -111,3 +111,18 @@ def test_validation_curves_figure(tmp_path):
     }  # fmt: skip
     out = validation_curves(runs, tmp_path / "curves.png", title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_constant_predictions_under_attack_never_win_adversarial_selection():
+    # Epoch 2 calls every attacked tile benign: all benign tiles "robust", no malignant one, so
+    # balanced robust accuracy 0.5 beats epoch 1's real 0.30; it must not be chosen.
+    under_attack = "under attack the model predicts benign for 100% of the images"
+    history = [
+        _row(1, bal=0.80, robust=0.30, bal_robust=0.30),
+        {**_row(2, bal=0.85, robust=0.14, bal_robust=0.50), "val_robust_degenerate": under_attack},
+    ]
+    sel = select(history, adversarial=True)
+    assert sel.epoch == 1 and sel.value == 0.30
+    # from metrics.csv (resume) an absent reason is "": it does not demote the epoch
+    history[1]["val_robust_degenerate"] = ""
+    assert select(history, adversarial=True).epoch == 2

@@ -190,6 +190,7 @@ def test_adversarial_defense_selects_on_balanced_robust_accuracy(tmp_path: Path)
     res = train(cfg, tmp_path / "adv", defense=d, progress=False)
     rows = _rows(tmp_path / "adv")
     assert d.val_calls > 0 and all(r["val_bal_robust_acc"] != "" for r in rows)
+    assert all("val_robust_degenerate" in r for r in rows)  # the under-attack constant check
     # non-degenerate epochs first, then balanced robust, balanced clean accuracy, lower loss
     best = max(rows, key=lambda r: (r["val_degenerate"] == "", float(r["val_bal_robust_acc"]),
                                     float(r["val_bal_acc"]), -float(r["val_loss"])))  # fmt: skip

@@ -144,6 +144,27 @@ def balanced_rate(correct: ArrayLike, y_true: ArrayLike) -> float | None:
     return float(np.mean(list(rates.values()))) if rates else None
 
 
+def constant_reason(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    classes: Sequence[str] | None = None,
+    *,
+    max_share: float = DEGENERATE_MAX_SHARE,
+) -> str | None:
+    """Why these predictions are near-constant (one class for almost every image), or None."""
+    yt = _np(y_true).astype(int).reshape(-1)
+    yp = _np(y_pred).astype(int).reshape(-1)
+    if yt.size == 0 or len(np.unique(yt)) < 2:
+        return None
+    values, counts = np.unique(yp, return_counts=True)
+    share = float(counts.max() / yp.size)
+    if share < max_share:
+        return None
+    top = int(values[counts.argmax()])
+    name = classes[top] if classes is not None and top < len(classes) else f"class {top}"
+    return f"the model predicts {name} for {share:.0%} of the images"
+
+
 def degenerate_reason(
     y_true: ArrayLike,
     y_pred: ArrayLike,
@@ -157,15 +178,9 @@ def degenerate_reason(
     yp = _np(y_pred).astype(int).reshape(-1)
     if yt.size == 0:
         return None
-    values, counts = np.unique(yp, return_counts=True)
-    top = int(values[counts.argmax()])
-    share = float(counts.max() / yp.size)
-    name = classes[top] if classes is not None and top < len(classes) else f"class {top}"
-    if share >= max_share and len(np.unique(yt)) > 1:
-        return (
-            f"the model predicts {name} for {share:.0%} of the images, so its robustness "
-            "numbers are not meaningful"
-        )
+    constant = constant_reason(yt, yp, classes, max_share=max_share)
+    if constant is not None:
+        return f"{constant}, so its robustness numbers are not meaningful"
     bal = balanced_rate(yt == yp, yt)
     if len(np.unique(yt)) > 1 and bal is not None and bal < min_balanced:
         return (

@@ -66,7 +66,7 @@ def train_epoch(
 def validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict[str, Any]:
     """Val loss, (balanced) accuracy, degenerate reason, and (balanced) robust accuracy under
     `defense.perturb_val`, over the whole validation set whatever the number of ranks."""
-    from histoshield.evaluation.metrics import balanced_rate, degenerate_reason
+    from histoshield.evaluation.metrics import balanced_rate, constant_reason, degenerate_reason
 
     ctx, model = stepper.ctx, stepper.raw
     D.broadcast_buffers(model, ctx)  # validate (and save) with rank 0's BatchNorm statistics
@@ -107,9 +107,14 @@ def validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict[
         "degenerate": degenerate_reason(y_all, p, d.classes),
     }
     if defense is not None:
-        rok = rpred.cpu().long() == y_all
+        rp = rpred.cpu().long()
+        rok = rp == y_all
         out["robust_acc"] = rok.sum().item() / n
         out["bal_robust_acc"] = balanced_rate(rok, y_all)
+        # one class for every attacked image scores 0.5 balanced robust accuracy with no
+        # robustness at all (e.g. "benign" for every tile under attack): selection ignores it
+        rc = constant_reason(y_all, rp, d.classes)
+        out["robust_degenerate"] = None if rc is None else f"under attack {rc}"
     return out
 
 
@@ -138,6 +143,7 @@ def epoch_row(
         "val_robust_acc": va.get("robust_acc"),
         "val_bal_robust_acc": va.get("bal_robust_acc"),
         "val_degenerate": va["degenerate"],
+        "val_robust_degenerate": va.get("robust_degenerate"),
         "train_eps": getattr(defense, "train_eps", None),
         "lr": lr,
         "seconds": round(seconds, 3),

@@ -8,7 +8,10 @@ BreakHis tile scores ~0.7), and on malignant images such a model is "100% robust
   the robust accuracy), ties broken by clean balanced accuracy, then lower val loss;
 - an epoch whose validation predictions are degenerate (near-constant or near-chance, as
   `evaluation.metrics.degenerate_reason` decides) is never chosen while a non-degenerate one
-  exists. When every epoch is degenerate the best of them is kept and the selection says so.
+  exists. When every epoch is degenerate the best of them is kept and the selection says so;
+- an epoch whose *adversarial* validation predictions are near-constant
+  (`val_robust_degenerate`: e.g. "benign" for every attacked tile, which scores 0.5 balanced
+  robust accuracy with no robustness) ranks below every real robust accuracy.
 
 Ties go to the earlier epoch. The rule is a pure function of the per-epoch history rows, so a
 resumed run re-derives the same choice.
@@ -55,7 +58,8 @@ def selection_key(row: dict[str, Any], adversarial: bool) -> tuple[float, ...]:
     neg_loss = -loss if math.isfinite(loss) else -math.inf  # lower wins; missing/inf loses
     clean = _num(row.get(CLEAN_METRIC))
     if adversarial:
-        return (ok, _num(row.get(ROBUST_METRIC)), clean, neg_loss)
+        robust = -math.inf if row.get("val_robust_degenerate") else _num(row.get(ROBUST_METRIC))
+        return (ok, robust, clean, neg_loss)
     return (ok, clean, neg_loss)
 
 

@@ -26,6 +26,7 @@ CSV_FIELDS = [
     "val_robust_acc",
     "val_bal_robust_acc",
     "val_degenerate",
+    "val_robust_degenerate",
     "train_eps",
     "lr",
     "seconds",
