@@ -39,6 +39,19 @@ from histoshield.specs import Param
 MAX_BUDGET = 1.0  # at eps = 1 a stain factor may reach 0: beyond it the transform inverts
 
 
+def _keep_best(
+    best: torch.Tensor | None,
+    best_loss: torch.Tensor | None,
+    theta: torch.Tensor,
+    loss: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the higher-loss of (best, theta); the first candidate when there is no best."""
+    if best is None or best_loss is None:
+        return theta, loss
+    better = loss > best_loss
+    return torch.where(better[:, None], theta, best), torch.where(better, loss, best_loss)
+
+
 class StainAttack(LossAttack):
     """Base of stain attacks: subclasses define `box`, `identity` and `apply`."""
 
@@ -138,12 +151,7 @@ class StainAttack(LossAttack):
         for theta, loss in self._candidates(x, y, t, lo, hi):
             if loss is None:
                 loss = self._loss(x, theta, y, t)
-            if best is None:
-                best, best_loss = theta, loss
-            else:
-                better = loss > best_loss
-                best = torch.where(better[:, None], theta, best)
-                best_loss = torch.where(better, loss, best_loss)
+            best, best_loss = _keep_best(best, best_loss, theta, loss)
         self.last_theta = best.detach()
         return self.apply(x, best).detach()
 
@@ -163,12 +171,7 @@ class StainAttack(LossAttack):
                     cand = self._uniform(n, lo, hi)
                     loss = self._loss(x, cand, y, t)
                     yield cand, loss
-                    if theta is None:
-                        theta, theta_loss = cand, loss
-                    else:
-                        better = loss > theta_loss
-                        theta = torch.where(better[:, None], cand, theta)
-                        theta_loss = torch.where(better, loss, theta_loss)
+                    theta, theta_loss = _keep_best(theta, theta_loss, cand, loss)
             elif self.random_start:
                 theta = self._uniform(n, lo, hi)
             else:
