@@ -270,6 +270,25 @@ class StainCVConfig(CVConfig):
         return v
 
 
+# The training settings a study may change per model (`defense_train`): optimisation, and the
+# in-model stain normalisation (it sits inside forward, so the [0,1] input contract holds);
+# the split, input size and architecture stay shared, so every model meets the same test images.
+DEFENSE_TRAIN_KEYS = (
+    "epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "early_stopping",
+    "balance", "collapse_patience", "augment", "backbone_lr_scale", "stain_norm",
+)  # fmt: skip
+
+
+def with_model_overrides(train: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`train` settings with one model's `defense_train` entries on top (a partial `augment`
+    section changes only the keys it names)."""
+    out = dict(train)
+    for key, value in over.items():
+        merge = key == "augment" and isinstance(value, dict)
+        out[key] = {**(out.get("augment") or {}), **value} if merge else value
+    return out
+
+
 class StudyConfig(Strict):
     """The paper's protocol end to end (`histoshield study`); `configs/*.yaml` hold presets."""
 
@@ -288,6 +307,10 @@ class StudyConfig(Strict):
     )
     extra_attacks: list[str] = Field(default_factory=list)
     extra_defenses: list[str] = Field(default_factory=list)
+    # Per-model training overrides, keyed by model name (`gaussian`, or an extra defense's name
+    # such as `pgd-at`): an adversarial loss may need another learning rate or epoch count than
+    # the clean recipe. Only optimisation settings: the data, split and architecture stay shared.
+    defense_train: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Stain-space attacks (docs/stain.md) over stain budgets (a = b = eps, not pixel units);
     # an empty list skips the study's stain stage.
     stain_attacks: list[str] = Field(
@@ -306,6 +329,29 @@ class StudyConfig(Strict):
     @classmethod
     def _one_eps(cls, v: Any) -> Any:
         return parse_eps_value(v)
+
+    def train_for(self, name: str) -> TrainConfig:
+        """The `train:` section with model `name`'s `defense_train` overrides applied."""
+        over = self.defense_train.get(name)
+        if not over:
+            return self.train
+        try:
+            return TrainConfig.model_validate(with_model_overrides(self.train.model_dump(), over))
+        except ValidationError as e:
+            err = settings_error(e)
+            raise HistoshieldError(f"defense_train.{name}: {err}") from None
+
+    @field_validator("defense_train")
+    @classmethod
+    def _defense_train(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, over in v.items():
+            bad = sorted(set(over) - set(DEFENSE_TRAIN_KEYS))
+            if bad:
+                raise ValueError(
+                    f"defense_train.{name}: {', '.join(bad)} cannot differ between models "
+                    f"(allowed: {', '.join(DEFENSE_TRAIN_KEYS)})"
+                )
+        return v
 
     @field_validator("stain_eps", mode="before")
     @classmethod
@@ -351,7 +397,13 @@ def resolve_config(
             # A study config: its `train:` section, plus the study-wide settings that are also
             # training settings (data, seed, split_by, ...) so the run matches the study's.
             shared = {k: v for k, v in loaded.items() if k in TrainConfig.model_fields}
+            per_model = loaded.get("defense_train") or {}
             loaded = {**shared, **loaded["train"]}
+            # `--defense pgd-at:...` with a study config trains what the study's `pgd-at` does
+            defense = overrides.get("defense") or loaded.get("defense")
+            name = str(defense).split(":", 1)[0].strip().lower() if defense else None
+            if isinstance(per_model, dict) and isinstance(per_model.get(name), dict):
+                loaded = with_model_overrides(loaded, per_model[name])
         base.update(loaded)
     base.update({k: v for k, v in overrides.items() if v is not None})
     try:

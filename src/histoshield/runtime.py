@@ -104,6 +104,19 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _silent(_: str) -> None:
+    pass
+
+
+def rank_output(
+    dist: Any, progress: bool, echo: Callable[[str], None] | None
+) -> tuple[bool, bool, Callable[[str], None] | None]:
+    """(is this the writing rank, its progress flag, its echo): under torchrun only rank 0
+    shows progress and prints; the other ranks stay silent."""
+    main = dist is None or dist.is_main
+    return (main, progress, echo) if main else (False, False, _silent)
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' → cuda when present, else cpu; anything else must name a device that exists here."""
     if device == "auto":

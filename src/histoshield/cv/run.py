@@ -12,7 +12,14 @@ from histoshield.cv.folds import make_folds, read_folds, write_folds
 from histoshield.cv.layout import FOLDS_FILE, STATE, read_json
 from histoshield.cv.pooling import summarize
 from histoshield.errors import HistoshieldError
-from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
+from histoshield.runtime import (
+    environment,
+    pick_device,
+    rank_output,
+    seed_everything,
+    write_json,
+    write_text,
+)
 
 
 def _digest(text: str) -> str:
@@ -63,9 +70,7 @@ def _run_cv(
 ) -> dict[str, Any]:
     from histoshield.data.layouts import load_imageset
 
-    main = dist is None or dist.is_main
-    if not main:
-        progress, echo = False, (lambda s: None)
+    main, progress, echo = rank_output(dist, progress, echo)
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(tcfg) + "---\n" + dump_config(cv)
     state_path = out / STATE

@@ -225,6 +225,9 @@ def _methods(r: dict[str, Any]) -> list[str]:
         )
     if cfg.get("extra_defenses"):
         lines.append(f"Extra defenses: {', '.join(cfg['extra_defenses'])}.")
+    for name, over in (cfg.get("defense_train") or {}).items():
+        settings = ", ".join(f"{k} = {v}" for k, v in over.items())
+        lines.append(f"Model '{name}' trained with {settings} (the rest as the original).")
     if cert:
         lines.append(
             f"Certification: randomized smoothing (Cohen et al. 2019) of '{cert.get('model')}' "

@@ -47,9 +47,10 @@ class Context:
         """Study models in training order: original, gaussian, then extra defenses."""
         return [ORIGINAL, GAUSSIAN, *defense_slugs(self.cfg)]
 
-    def train_config(self, defense: str | None) -> TrainConfig:
-        """The original model's settings, on the study's split and seed, with `defense`."""
-        return self.cfg.train.model_copy(
+    def train_config(self, defense: str | None, name: str = ORIGINAL) -> TrainConfig:
+        """Model `name`'s settings (the `train:` section with its `defense_train` overrides) on
+        the study's split and seed, with `defense`."""
+        return self.cfg.train_for(name).model_copy(
             update={
                 "data": self.cfg.data,
                 "split": str(self.out / "split.csv"),

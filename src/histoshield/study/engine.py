@@ -12,7 +12,14 @@ from typing import Any
 
 from histoshield.config import StudyConfig, dump_config
 from histoshield.errors import HistoshieldError
-from histoshield.runtime import environment, pick_device, seed_everything, write_json, write_text
+from histoshield.runtime import (
+    environment,
+    pick_device,
+    rank_output,
+    seed_everything,
+    write_json,
+    write_text,
+)
 from histoshield.study.certify import stage_certify
 from histoshield.study.context import RESULTS, STATE, Context, Stage
 from histoshield.study.gradcam import stage_gradcam
@@ -143,9 +150,7 @@ def _run_study(
     echo: Callable[[str], None] | None,
     dist: Any = None,
 ) -> dict[str, Any]:
-    main = dist is None or dist.is_main
-    if not main:
-        progress, echo = False, (lambda s: None)
+    main, progress, echo = rank_output(dist, progress, echo)
     say = echo or (print if progress else _stderr)  # a kept-stages note shows even when quiet
     echo = echo or (print if progress else (lambda s: None))
     cfg_text = dump_config(cfg)

@@ -79,6 +79,15 @@ def check_study_config(cfg: StudyConfig) -> None:
             create(spec)
         except HistoshieldError as e:
             raise HistoshieldError(f"{key} {spec!r} in the study config: {e}") from None
+    names = [GAUSSIAN, *defense_slugs(cfg)]
+    for name in cfg.defense_train:
+        if name not in names:
+            hint = " (the original model trains with `train:` itself)" if name == ORIGINAL else ""
+            raise HistoshieldError(
+                f"defense_train.{name} in the study config: no such model{hint}; the trained "
+                f"defenses are {', '.join(names)}"
+            )
+        cfg.train_for(name)
     from histoshield.study.stain_cv import check_stain_cv
 
     check_stain_cv(cfg)
@@ -95,7 +104,7 @@ _SPLIT_KEYS = (
 _TRAIN_KEYS = (*_SPLIT_KEYS, "train")
 
 
-_MODELS_KEYS = (*_TRAIN_KEYS, "gaussian_sigma", "extra_defenses", "batch_size")
+_MODELS_KEYS = (*_TRAIN_KEYS, "gaussian_sigma", "extra_defenses", "defense_train", "batch_size")
 
 
 _CURVE_KEYS = (*_MODELS_KEYS, "curve_attacks", "extra_attacks", "curve_eps")
@@ -108,15 +117,16 @@ def stage_keys(stage: str) -> tuple[str, ...]:
     if stage == "train_original":
         return _TRAIN_KEYS
     if stage == "train_gaussian":
-        return (*_TRAIN_KEYS, "gaussian_sigma")
+        return (*_TRAIN_KEYS, "gaussian_sigma", f"defense_train.{GAUSSIAN}")
     if stage.startswith("train_"):
-        return (*_TRAIN_KEYS, f"extra_defenses.{stage.removeprefix('train_')}")
+        slug = stage.removeprefix("train_")
+        return (*_TRAIN_KEYS, f"extra_defenses.{slug}", f"defense_train.{slug}")
     return {
         "clean": _MODELS_KEYS,
         "table3": (*_MODELS_KEYS, "table3_attack", "table3_eps", "only"),
         "curves": _CURVE_KEYS,
         "transfer": (*_CURVE_KEYS, "transfer"),
-        "certify": (*_TRAIN_KEYS, "gaussian_sigma", "certify"),
+        "certify": (*_TRAIN_KEYS, "gaussian_sigma", f"defense_train.{GAUSSIAN}", "certify"),
         "sanity": (*_CURVE_KEYS, "sanity", "sanity_limit"),
         "gradcam": (*_MODELS_KEYS, "curve_attacks", "extra_attacks", "table3_attack", "table3_eps"),
         "stain": (*_MODELS_KEYS, "stain_attacks", "stain_eps", "sanity", "sanity_limit"),

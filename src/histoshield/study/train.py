@@ -75,7 +75,7 @@ def stage_train(ctx: Context, name: str, defense_spec: str | None) -> dict[str, 
     from histoshield.training import train
 
     run = ctx.out / name
-    tcfg = ctx.train_config(defense_spec)
+    tcfg = ctx.train_config(defense_spec, name)
     defense = None
     if defense_spec:
         from histoshield import defenses
