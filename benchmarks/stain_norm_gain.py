@@ -13,7 +13,6 @@ over all pixel values, per method, and writes the table as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
