@@ -279,6 +279,11 @@ DEFENSE_TRAIN_KEYS = (
 )  # fmt: skip
 
 
+def defense_name(spec: str) -> str:
+    """A defense spec's model name in a study (`pgd-at:eps=2/255` -> `pgd-at`), before numbering."""
+    return spec.split(":", 1)[0].strip().lower()
+
+
 def with_model_overrides(train: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`train` settings with one model's `defense_train` entries on top (a partial `augment`
     section changes only the keys it names)."""
@@ -309,7 +314,8 @@ class StudyConfig(Strict):
     extra_defenses: list[str] = Field(default_factory=list)
     # Per-model training overrides, keyed by model name (`gaussian`, or an extra defense's name
     # such as `pgd-at`): an adversarial loss may need another learning rate or epoch count than
-    # the clean recipe. Only optimisation settings: the data, split and architecture stay shared.
+    # the clean recipe. Optimisation settings and the in-model stain_norm (DEFENSE_TRAIN_KEYS):
+    # the data, split, architecture and input size stay shared.
     defense_train: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Stain-space attacks (docs/stain.md) over stain budgets (a = b = eps, not pixel units);
     # an empty list skips the study's stain stage.
@@ -401,7 +407,7 @@ def resolve_config(
             loaded = {**shared, **loaded["train"]}
             # `--defense pgd-at:...` with a study config trains what the study's `pgd-at` does
             defense = overrides.get("defense") or loaded.get("defense")
-            name = str(defense).split(":", 1)[0].strip().lower() if defense else None
+            name = defense_name(str(defense)) if defense else None
             if isinstance(per_model, dict) and isinstance(per_model.get(name), dict):
                 loaded = with_model_overrides(loaded, per_model[name])
         base.update(loaded)

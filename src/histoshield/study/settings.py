@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from histoshield.config import StudyConfig, load_config, shipped_configs
+from histoshield.config import StudyConfig, defense_name, load_config, shipped_configs
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.harness import (
     STAIN,
@@ -30,7 +30,7 @@ def defense_slugs(cfg: StudyConfig) -> list[str]:
     """Model names for the extra defenses: the defense name, numbered when repeated."""
     names: list[str] = []
     for spec in cfg.extra_defenses:
-        base = spec.split(":", 1)[0].strip().lower()
+        base = defense_name(spec)
         name, k = base, 2
         while name in names or name in (ORIGINAL, GAUSSIAN):
             name, k = f"{base}-{k}", k + 1
