@@ -25,6 +25,20 @@ def test_cpu_preset_recipe_and_split_override(tmp_path: Path) -> None:
     assert (tcfg.data, tcfg.split, tcfg.epochs) == ("some/manifest.csv", str(split), 1)
 
 
+def test_train_and_cv_take_a_preset_name_like_study(tmp_path: Path) -> None:
+    from histoshield.cv.config import resolve_cv_config
+    from histoshield.errors import HistoshieldError
+
+    path = shipped_configs()["cpu"]
+    assert resolve_config("cpu") == resolve_config(path)
+    assert resolve_config("cpu", defense="pgd-at:eps=2/255").stain_norm == "none"
+    assert resolve_cv_config("cpu.yaml") == resolve_cv_config(path)
+    with pytest.raises(HistoshieldError, match="config file not found: cpux"):
+        resolve_config("cpux")
+    (tmp_path / "cpu").write_text("epochs: 1\n")  # a real file wins over the preset's name
+    assert resolve_config(tmp_path / "cpu").epochs == 1
+
+
 @pytest.mark.shared_data
 def test_cpu_preset_trains_on_a_split_of_the_real_tiles(
     shared_tiles: Path, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -55,3 +69,20 @@ def test_cpu_preset_trains_on_a_split_of_the_real_tiles(
     assert res["n"] == {"train": 12, "val": 12, "test": 12}
     model = models.load_checkpoint(out / "best.pt")
     assert model.stain.method == "macenko"  # the in-model normalisation travels with the model
+
+
+@pytest.mark.shared_data
+def test_cpu_preset_study_split_tests_on_more_than_one_benign_patient(shared_tiles: Path) -> None:
+    from histoshield.data import load_imageset, make_split
+    from histoshield.study import load_study_config
+
+    cfg = load_study_config("cpu")
+    split = make_split(load_imageset(shared_tiles / "manifest.csv"), by=cfg.split_by,
+                       val=cfg.train.val, test=cfg.train.test, seed=cfg.seed)  # fmt: skip
+    benign = defaultdict(set)
+    for r in split.records:
+        if r.label == "benign":
+            benign[r.split].add(r.patient)
+    # one benign patient in test would make every specificity and benign robust number an anecdote
+    assert len(benign["test"]) >= 2 and len(benign["val"]) >= 1
+    assert cfg.cv.inner_val == 0.2  # the CV in docs/cv-cpu keeps its inner validation fraction

@@ -104,13 +104,16 @@ def test_train_with_a_study_config_takes_that_defenses_overrides(tmp_path: Path)
     assert resolve_config(p, defense="pgd-at:eps=2/255", lr=0.01).lr == 0.01  # the flag wins
 
 
-def test_cpu_preset_trains_pgd_at_at_its_own_learning_rate() -> None:
+def test_cpu_preset_trains_its_noise_defenses_without_macenko() -> None:
     cfg = S.load_study_config("cpu")
     check_study_config(cfg)
-    at = cfg.train_for("pgd-at")
+    at, noise = cfg.train_for("pgd-at"), cfg.train_for("gaussian")
     assert at.lr > cfg.train.lr and (at.stain_norm, cfg.train.stain_norm) == ("none", "macenko")
-    assert at.image_size == cfg.train.image_size
-    assert cfg.train_for("gaussian") == cfg.train
+    assert at.image_size == noise.image_size == cfg.train.image_size
+    # only the stain normalisation differs for the Gaussian-noise model
+    assert noise.stain_norm == "none"
+    assert noise.model_copy(update={"stain_norm": "macenko"}) == cfg.train
+    assert cfg.train_for("trades") == cfg.train
 
 
 @pytest.mark.slow

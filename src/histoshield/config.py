@@ -26,6 +26,14 @@ def shipped_configs() -> dict[str, Path]:
     }
 
 
+def preset_or_path(config: str | Path) -> Path:
+    """`config` itself when it is a file, else the shipped preset of that name (`cpu`, ...)."""
+    name = str(config).removesuffix(".yaml")
+    if not Path(config).expanduser().is_file() and name in (presets := shipped_configs()):
+        return presets[name]
+    return Path(config).expanduser()
+
+
 class Strict(BaseModel):
     """Base for configs: unknown keys are errors, so a typo never silently does nothing."""
 
@@ -387,8 +395,9 @@ class StudyConfig(Strict):
 def resolve_config(
     config: str | Path | None = None, *, resume: str | Path | None = None, **overrides: Any
 ) -> TrainConfig:
-    """TrainConfig from a YAML file (flat, or a study config's `train:` section), a run folder
-    being resumed (its config.yaml), and CLI overrides on top (None = not given)."""
+    """TrainConfig from a YAML file or shipped preset name (flat, or a study config's `train:`
+    section), a run folder being resumed (its config.yaml), and CLI overrides on top (None =
+    not given)."""
     base: dict[str, Any] = {}
     src: Path | None = None
     if resume is not None:
@@ -396,7 +405,7 @@ def resolve_config(
         if not src.is_file():
             raise HistoshieldError(f"cannot resume: {src} does not exist (is {resume} a run?)")
     elif config is not None:
-        src = Path(config).expanduser()
+        src = preset_or_path(config)
     if src is not None:
         loaded = read_yaml(src)
         if isinstance(loaded.get("train"), dict):

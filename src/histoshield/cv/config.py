@@ -15,13 +15,11 @@ def resolve_cv_config(
     sections; a study's table3_eps/only fill the cv eps/only it does not set), CLI on top."""
     from pydantic import ValidationError
 
-    from histoshield.config import read_yaml, shipped_configs
+    from histoshield.config import preset_or_path, read_yaml
     from histoshield.training import resolve_config
 
-    presets = shipped_configs()
-    if config is not None and not Path(config).is_file():
-        if str(config).removesuffix(".yaml") in presets:
-            config = presets[str(config).removesuffix(".yaml")]
+    if config is not None:
+        config = preset_or_path(config)
     tcfg = resolve_config(config, **train_over)
     raw = read_yaml(config) if config is not None else {}
     section: dict[str, Any] = {}

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from histoshield.config import StudyConfig, defense_name, load_config, shipped_configs
+from histoshield.config import (
+    StudyConfig,
+    defense_name,
+    load_config,
+    preset_or_path,
+    shipped_configs,
+)
 from histoshield.errors import HistoshieldError
 from histoshield.evaluation.harness import (
     STAIN,
@@ -18,11 +24,7 @@ ORIGINAL, GAUSSIAN = "original", "gaussian"
 
 def load_study_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
     """A StudyConfig from a YAML file or a shipped preset name (`default`, `cpu`, `paper`)."""
-    presets = shipped_configs()
-    if path is None:
-        path = presets["default"]
-    elif not Path(path).is_file() and str(path).removesuffix(".yaml") in presets:
-        path = presets[str(path).removesuffix(".yaml")]
+    path = shipped_configs()["default"] if path is None else preset_or_path(path)
     return load_config(StudyConfig, path, **overrides)
 
 
