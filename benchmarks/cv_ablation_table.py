@@ -12,6 +12,14 @@ run used `target_sensitivity`; pooled AUC of all out-of-fold tiles; patient-leve
 and the threshold is picked exactly as training's operating point does
 (`evaluation.operating.threshold_for_sensitivity`); training does not depend on the target, so
 this equals rerunning with it (up to float rounding).
+
+`--ensemble A B ...` adds a row for the probability-averaging ensemble of runs that share their
+folds (`--folds-file`): each tile's p(malignant) is the mean over the runs' out-of-fold
+predictions, so every member still never saw the tile's patient. `--tta` adds, per run, the
+row of the same fold checkpoints with test-time augmentation switched on (logits averaged over
+the 8 flips/rotations, `models.wrapper`), scored on each fold's held-out tiles; training is
+unchanged, only the checkpoint's inference differs (training with `tta: true` would also pick
+its epoch on TTA validation scores).
 """
 
 from __future__ import annotations
@@ -61,9 +69,60 @@ def posthoc_threshold(fold_dir: Path, target: float) -> float:
     return threshold_for_sensitivity(y, p, target)
 
 
+def fold_images(fold_dir: Path, subset: str, size: int):
+    """The fold's `subset` images (train/split.csv) as a float batch in [0,1], and the records."""
+    import torch
+
+    from histoshield.data.arrays import load_arrays
+    from histoshield.data.splits import read_split
+
+    recs = read_split(fold_dir / "train" / "split.csv").subset(subset)
+    arr = load_arrays(recs, size, progress=False)
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
+    return x, list(recs)
+
+
+def tta_rows(run: Path, res: dict) -> list[dict]:
+    """Out-of-fold rows of the run's fold checkpoints re-scored with TTA on."""
+    import torch
+
+    from histoshield import models
+    from histoshield.evaluation.predict import predict_proba
+
+    rows = []
+    for f in res["folds"]:
+        fold_dir = run / f"fold_{f['fold']}"
+        model = models.load_checkpoint(fold_dir / "train" / "best.pt")
+        model.tta = True
+        x, recs = fold_images(fold_dir, "test", int(model.image_size))
+        pos = model.classes.index("malignant")
+        p = predict_proba(model, x, batch_size=64, device=torch.device("cpu"))[:, pos]
+        for r, q in zip(recs, p.tolist(), strict=True):
+            rows.append({"fold": f["fold"], "path": str(r.path), "patient": r.patient,
+                         "label": r.label, "p_malignant": float(q)})  # fmt: skip
+    return rows
+
+
+def ensemble_rows(runs: list[tuple[dict, list[dict]]]) -> list[dict]:
+    """Rows whose p_malignant is the mean over runs sharing folds (refuses other folds)."""
+    keyed = [{r["path"]: r for r in rows} for _, rows in runs]
+    if any(k.keys() != keyed[0].keys() for k in keyed):
+        raise SystemExit("--ensemble: the runs do not hold the same tiles")
+    out = []
+    for path, r in keyed[0].items():
+        if any(k[path]["fold"] != r["fold"] for k in keyed):
+            raise SystemExit(f"--ensemble: the runs put {path} in different folds")
+        p = statistics.mean(float(k[path]["p_malignant"]) for k in keyed)
+        out.append({**r, "p_malignant": p})
+    return out
+
+
 def read_run(run: Path) -> tuple[dict, list[dict]]:
     """results.json and the per-fold oof rows."""
     res = json.loads((run / "results.json").read_text())
+    if not (run / "fold_0").is_dir():  # a committed report folder keeps only the pooled oof.csv
+        with open(run / "oof.csv", newline="") as fh:
+            return res, list(csv.DictReader(fh))
     rows = []
     for f in res["folds"]:
         with open(run / f"fold_{f['fold']}" / "oof.csv", newline="") as fh:
@@ -99,11 +158,26 @@ def row(name: str, res: dict, rows: list[dict], thr: dict[int, float] | None) ->
             f"{100 * roc_auc_score(y, p):.1f}", f"{statistics.mean(cpu):.0f}"]  # fmt: skip
 
 
+def fold_bal(rows: list[dict]) -> str:
+    """Each fold's balanced accuracy at 0.5, as 'a / b / ...' in percent."""
+    by_fold: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_fold[int(r["fold"])].append(r)
+    out = []
+    for _, rs in sorted(by_fold.items()):
+        y = np.array([r["label"] == "malignant" for r in rs], dtype=int)
+        p = np.array([float(r["p_malignant"]) for r in rs])
+        out.append(f"{100 * rates(y, p > 0.5)[0]:.1f}")
+    return " / ".join(out)
+
+
 def main() -> None:
     """Print the Markdown table (and each fold's balanced accuracy) for the run folders."""
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--posthoc", type=float, default=None)
+    ap.add_argument("--ensemble", nargs="+", type=Path, default=[])
+    ap.add_argument("--tta", action="store_true")
     args = ap.parse_args()
     head = ["variant", "bal. acc. (fold mean ± sd)", "sensitivity", "specificity",
             "worst fold bal. acc.", "patient acc.", "pooled AUC", "CPU s / fold"]  # fmt: skip
@@ -127,6 +201,16 @@ def main() -> None:
             notes.append(f"{name} thresholds: " + ", ".join(f"{t:.3f}" for t in thr.values()))
         per = [f"{100 * f['metrics']['balanced_accuracy']:.1f}" for f in res["folds"]]
         notes.append(f"{name} per-fold bal. acc. at 0.5: " + " / ".join(per))
+        if args.tta:
+            trows = tta_rows(run, res)
+            print("| " + " | ".join(row(f"{name} + TTA (post hoc)", res, trows, None)) + " |")
+            notes.append(f"{name} + TTA per-fold bal. acc. at 0.5: " + fold_bal(trows))
+    if args.ensemble:
+        members = [read_run(r) for r in args.ensemble]
+        erows = ensemble_rows(members)
+        name = "ensemble of " + " + ".join(r.name.removeprefix("cv5-") for r in args.ensemble)
+        print("| " + " | ".join(row(name, members[0][0], erows, None)) + " |")
+        notes.append(f"{name} per-fold bal. acc. at 0.5: " + fold_bal(erows))
     print()
     for n in notes:
         print(f"- {n}")

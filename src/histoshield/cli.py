@@ -146,6 +146,7 @@ def train_cmd(
         None, "--target-sensitivity", help="Pick the threshold on val for this sensitivity."
     ),
     balance: str | None = typer.Option(None, "--balance", help="none | loss | sampler."),
+    ema: float | None = typer.Option(None, "--ema", help="Weight-average decay, e.g. 0.95."),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
     magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
     classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
@@ -173,7 +174,7 @@ def train_cmd(
         early_stopping=early_stopping, skip_bad=skip_bad, magnification=magnification or None,
         classes=classes, allow_patient_leak=allow_patient_leak, device=device, tta=tta,
         backbone_lr_scale=backbone_lr_scale, target_sensitivity=target_sensitivity,
-        balance=balance,
+        balance=balance, ema=ema,
     )  # fmt: skip
     if folder is None:
         folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -82,6 +82,9 @@ class TrainConfig(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     defense: str | None = None
     tta: bool = False  # average the logits over the 8 flips/rotations at evaluation (in-model)
+    # Exponential moving average of the weights (and BatchNorm statistics), updated after every
+    # step; validation, best.pt and every later use see the average (training/stepper.py).
+    ema: float | None = Field(None, gt=0, lt=1)
     backbone_lr_scale: float = Field(1.0, ge=0, le=1)  # lr of all but the head = lr * this
     target_sensitivity: float | None = Field(None, gt=0, le=1)  # pick a threshold on val
     seed: int = 0
@@ -284,6 +287,7 @@ class StainCVConfig(CVConfig):
 DEFENSE_TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "early_stopping",
     "balance", "collapse_patience", "augment", "backbone_lr_scale", "stain_norm",
+    "ema",
 )  # fmt: skip
 
 

@@ -68,7 +68,7 @@ def validate(stepper: Stepper, d: Data, cfg: TrainConfig, defense: Any) -> dict[
     `defense.perturb_val`, over the whole validation set whatever the number of ranks."""
     from histoshield.evaluation.metrics import balanced_rate, constant_reason, degenerate_reason
 
-    ctx, model = stepper.ctx, stepper.raw
+    ctx, model = stepper.ctx, stepper.eval_model
     D.broadcast_buffers(model, ctx)  # validate (and save) with rank 0's BatchNorm statistics
     was = model.training
     model.eval()

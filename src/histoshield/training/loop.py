@@ -266,12 +266,19 @@ def _setup(
     sched = make_scheduler(cfg, opt)
     saved = _restore(out / "last.pt", model, opt, sched) if resume else None
     stepper = Stepper(
-        model, opt, ctx.device, amp=cfg.amp, defense=defense, ctx=ctx, class_weight=weight
+        model, opt, ctx.device, amp=cfg.amp, defense=defense, ctx=ctx, class_weight=weight,
+        ema=cfg.ema,
     )
     state = RunState()
     if saved is not None:
         if saved.get("scaler"):
             stepper.scaler.load_state_dict(saved["scaler"])
+        if stepper.averaged is not None:
+            if saved.get("ema") is None:
+                raise HistoshieldError(
+                    f"cannot resume {out} with ema: its last.pt was trained without it"
+                )
+            stepper.averaged.load_state_dict(saved["ema"])
         set_rng_state(saved["rng"])
         state = RunState.from_checkpoint(saved)
     return Run(

@@ -120,8 +120,8 @@ def save_epoch(
     row = state.history[-1]
     model, config = stepper.raw, cfg.model_dump(mode="json")
     meta = {"classes": classes, **row}
-    if sel.epoch == row["epoch"]:
-        models.save_checkpoint(out / "best.pt", model, config=config, metrics=meta)
+    if sel.epoch == row["epoch"]:  # the model validation scored: the weight average, with ema
+        models.save_checkpoint(out / "best.pt", stepper.eval_model, config=config, metrics=meta)
     state_out = {
         "epoch": row["epoch"],
         "optimizer": stepper.opt.state_dict(),
@@ -132,6 +132,8 @@ def save_epoch(
         "best_epoch": sel.epoch,
         "stopped": state.stopped,
         "train_seconds": state.train_seconds,
+        # last.pt's weights are the trained ones (to resume); the average rides along
+        "ema": stepper.averaged.state_dict() if stepper.averaged is not None else None,
     }
     models.save_checkpoint(
         out / "last.pt", model, config=config, metrics=meta, extra={"train_state": state_out}

@@ -30,8 +30,10 @@ class Stepper:
         defense: Any = None,
         ctx: D.DistContext | None = None,
         class_weight: torch.Tensor | None = None,
+        ema: float | None = None,
     ) -> None:
         self.raw = model
+        self.averaged = ema_of(model, ema) if ema is not None else None
         self.class_weight = None if class_weight is None else class_weight.to(device)
         self.opt = opt
         self.device = device
@@ -79,4 +81,22 @@ class Stepper:
             D.sync_gradients(self.raw, self.ctx)
         self.scaler.step(self.opt)
         self.scaler.update()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.raw)
         return loss.detach(), logits.detach()
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model validation scores and best.pt holds: the weight average when there is one."""
+        return self.raw if self.averaged is None else self.averaged.module
+
+
+def ema_of(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torch's AveragedModel as an exponential moving average of weights and buffers.
+
+    Buffers (BatchNorm running statistics) are averaged too (`use_buffers`), so the average
+    needs no extra BatchNorm pass before it is used. The first update copies the weights.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
