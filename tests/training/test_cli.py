@@ -93,6 +93,7 @@ def test_train_evaluate_predict(run_dir: Path, capsys) -> None:
         (["train", "--model", "no-such-net", "--data", "synthetic:n=16,size=32"], "no-such-net"),
         (["train", "--split", "/nonexistent/split.csv"], "split file not found"),
         (["train", "--image-size", "16"], "image_size"),
+        (["train", "--ema", "1.5"], "ema"),
         (["train", "--resume"], "cannot resume"),
         (["evaluate", "--checkpoint", "/nonexistent/best.pt"], "checkpoint not found"),
         (["predict", "/nonexistent.png", "--checkpoint", "/nonexistent/best.pt"], "not found"),
