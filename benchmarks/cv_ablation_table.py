@@ -53,16 +53,11 @@ def posthoc_threshold(fold_dir: Path, target: float) -> float:
     import torch
 
     from histoshield import models
-    from histoshield.data.arrays import load_arrays
-    from histoshield.data.splits import read_split
     from histoshield.evaluation.operating import threshold_for_sensitivity
     from histoshield.evaluation.predict import predict_proba
 
     model = models.load_checkpoint(fold_dir / "train" / "best.pt")
-    size = int(model.image_size)
-    val = read_split(fold_dir / "train" / "split.csv").subset("val")
-    arr = load_arrays(val, size, progress=False)
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
+    x, val = fold_images(fold_dir, "val", int(model.image_size))
     pos = model.classes.index("malignant")
     p = predict_proba(model, x, batch_size=64, device=torch.device("cpu"))[:, pos]
     y = torch.tensor([r.label == "malignant" for r in val])

@@ -15,8 +15,9 @@ from histoshield import models
 from histoshield.config import AugmentConfig, TrainConfig
 from histoshield.data import labels_of, load_arrays, read_split, to_float
 from histoshield.errors import HistoshieldError
-from histoshield.training import loop, resolve_config, train
+from histoshield.training import resolve_config, train
 from histoshield.training.stepper import Stepper
+from tests.training.helpers import train_killed_at_step
 
 _NO_AUG = AugmentConfig(crop_scale=None, color_jitter=0.0, hed_sigma=0.0)
 
@@ -75,29 +76,13 @@ def test_best_pt_is_the_averaged_model_validation_scored(tmp_path: Path) -> None
     assert any(not torch.equal(averaged[k], trained[k]) for k in trained)  # last.pt: trained
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resume_with_ema_equals_uninterrupted(tmp_path: Path, monkeypatch) -> None:
     cfg = _cfg()
     full = tmp_path / "full"
     train(cfg, full, progress=False)
     per_epoch = -(-len(read_split(full / "split.csv").subset("train")) // cfg.batch_size)
-    calls = {"n": 0}
-    real_step = loop.Stepper.step
-
-    def dying_step(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == per_epoch + 1:
-            raise _Killed
-        return real_step(self, x, y)
-
     part = tmp_path / "part"
-    monkeypatch.setattr(loop.Stepper, "step", dying_step)
-    with pytest.raises(_Killed):
-        train(cfg, part, progress=False)
-    monkeypatch.setattr(loop.Stepper, "step", real_step)
+    train_killed_at_step(cfg, part, monkeypatch, per_epoch + 1)  # first step of epoch 2
     train(resolve_config(resume=part), part, resume=True, progress=False)
     for name in ("best.pt", "last.pt"):
         a = models.read_checkpoint(full / name)

@@ -18,6 +18,7 @@ from histoshield.data import labels_of, load_arrays, read_split, to_float
 from histoshield.errors import HistoshieldError
 from histoshield.report.training import training_figures
 from histoshield.training import loop, resolve_config, train
+from tests.training.helpers import train_killed_at_step
 
 
 def _val_of(run: Path, ckpt: str) -> tuple[float, float]:
@@ -84,10 +85,6 @@ def test_learns_and_writes_run_folder(tmp_path: Path) -> None:
         train(cfg, run, progress=False)  # refuses to overwrite a run
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, monkeypatch) -> None:
     cfg = TrainConfig(
         data="synthetic:n=64,size=32",
@@ -103,31 +100,24 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, monkeypatch) -> 
     # Kill the second run in the middle of epoch 2.
     per_epoch = -(-len(read_split(full / "split.csv").subset("train")) // cfg.batch_size)
     assert per_epoch >= 2
-    calls = {"n": 0}
-    real_step = loop.Stepper.step
-
-    def dying_step(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == per_epoch + 2:
-            raise _Killed
-        return real_step(self, x, y)
-
     part = tmp_path / "part"
-    monkeypatch.setattr(loop.Stepper, "step", dying_step)
-    with pytest.raises(_Killed):
-        train(cfg, part, progress=False)
-    monkeypatch.setattr(loop.Stepper, "step", real_step)
+    train_killed_at_step(cfg, part, monkeypatch, per_epoch + 2)
     assert [r["epoch"] for r in _rows(part)] == ["1"]  # lost only the current epoch
     assert not (part / "results.json").exists()
 
     # Torture the global RNGs in between, as a fresh process would have different ones.
     torch.manual_seed(12345)
     torch.rand(100)
-    calls["n"] = 0
-    monkeypatch.setattr(loop.Stepper, "step", dying_step)  # counts; cannot die again
-    calls["n"] = -(10**6)
+    calls = {"n": 0}
+    real_step = loop.Stepper.step
+
+    def counted_step(self, x, y):
+        calls["n"] += 1
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(loop.Stepper, "step", counted_step)
     train(resolve_config(resume=part), part, resume=True, progress=False)
-    assert calls["n"] == -(10**6) + 2 * per_epoch  # resumed at epoch 2, not from scratch
+    assert calls["n"] == 2 * per_epoch  # resumed at epoch 2, not from scratch
 
     a = models.read_checkpoint(full / "last.pt")["state_dict"]
     b = models.read_checkpoint(part / "last.pt")["state_dict"]
