@@ -19,7 +19,10 @@ predictions, so every member still never saw the tile's patient. `--tta` adds, p
 row of the same fold checkpoints with test-time augmentation switched on (logits averaged over
 the 8 flips/rotations, `models.wrapper`), scored on each fold's held-out tiles; training is
 unchanged, only the checkpoint's inference differs (training with `tta: true` would also pick
-its epoch on TTA validation scores).
+its epoch on TTA validation scores). `--eval-size N ...` adds, per run and N, the row of the
+same checkpoints fed N px instead of their training size (Touvron et al. 2019, "Fixing the
+train-test resolution discrepancy": a model trained on random crops may score better at a
+larger test size).
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ def fold_images(fold_dir: Path, subset: str, size: int):
     return x, list(recs)
 
 
-def tta_rows(run: Path, res: dict) -> list[dict]:
-    """Out-of-fold rows of the run's fold checkpoints re-scored with TTA on."""
+def rescored_rows(
+    run: Path, res: dict, *, tta: bool = False, size: int | None = None
+) -> list[dict]:
+    """Out-of-fold rows of the run's fold checkpoints re-scored with TTA on and/or at `size` px
+    (the tiles decoded at that side, as training decodes them, and the backbone fed it)."""
     import torch
 
     from histoshield import models
@@ -88,7 +94,9 @@ def tta_rows(run: Path, res: dict) -> list[dict]:
     for f in res["folds"]:
         fold_dir = run / f"fold_{f['fold']}"
         model = models.load_checkpoint(fold_dir / "train" / "best.pt")
-        model.tta = True
+        model.tta = tta
+        if size is not None:
+            model.image_size = size
         x, recs = fold_images(fold_dir, "test", int(model.image_size))
         pos = model.classes.index("malignant")
         p = predict_proba(model, x, batch_size=64, device=torch.device("cpu"))[:, pos]
@@ -173,6 +181,7 @@ def main() -> None:
     ap.add_argument("--posthoc", type=float, default=None)
     ap.add_argument("--ensemble", nargs="+", type=Path, default=[])
     ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--eval-size", nargs="+", type=int, default=[])
     args = ap.parse_args()
     head = ["variant", "bal. acc. (fold mean ± sd)", "sensitivity", "specificity",
             "worst fold bal. acc.", "patient acc.", "pooled AUC", "CPU s / fold"]  # fmt: skip
@@ -197,9 +206,14 @@ def main() -> None:
         per = [f"{100 * f['metrics']['balanced_accuracy']:.1f}" for f in res["folds"]]
         notes.append(f"{name} per-fold bal. acc. at 0.5: " + " / ".join(per))
         if args.tta:
-            trows = tta_rows(run, res)
+            trows = rescored_rows(run, res, tta=True)
             print("| " + " | ".join(row(f"{name} + TTA (post hoc)", res, trows, None)) + " |")
             notes.append(f"{name} + TTA per-fold bal. acc. at 0.5: " + fold_bal(trows))
+        for size in args.eval_size:
+            srows = rescored_rows(run, res, size=size)
+            label = f"{name} scored at {size} px (post hoc)"
+            print("| " + " | ".join(row(label, res, srows, None)) + " |")
+            notes.append(f"{label} per-fold bal. acc. at 0.5: " + fold_bal(srows))
     if args.ensemble:
         members = [read_run(r) for r in args.ensemble]
         erows = ensemble_rows(members)

@@ -147,6 +147,10 @@ def train_cmd(
     ),
     balance: str | None = typer.Option(None, "--balance", help="none | loss | sampler."),
     ema: float | None = typer.Option(None, "--ema", help="Weight-average decay, e.g. 0.95."),
+    mixup: float | None = typer.Option(None, "--mixup", help="Mixup Beta alpha (0 = off)."),
+    label_smoothing: float | None = typer.Option(
+        None, "--label-smoothing", help="Label smoothing in [0, 0.5)."
+    ),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
     magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
     classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
@@ -174,7 +178,7 @@ def train_cmd(
         early_stopping=early_stopping, skip_bad=skip_bad, magnification=magnification or None,
         classes=classes, allow_patient_leak=allow_patient_leak, device=device, tta=tta,
         backbone_lr_scale=backbone_lr_scale, target_sensitivity=target_sensitivity,
-        balance=balance, ema=ema,
+        balance=balance, ema=ema, mixup=mixup, label_smoothing=label_smoothing,
     )  # fmt: skip
     if folder is None:
         folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"

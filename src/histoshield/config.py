@@ -85,6 +85,11 @@ class TrainConfig(Strict):
     # Exponential moving average of the weights (and BatchNorm statistics), updated after every
     # step; validation, best.pt and every later use see the average (training/stepper.py).
     ema: float | None = Field(None, gt=0, lt=1)
+    # Clean training only (a defense brings its own loss): label smoothing (Szegedy et al. 2016)
+    # and mixup of image pairs with weights lambda ~ Beta(mixup, mixup) (Zhang et al. 2018);
+    # 0 turns each off (training/mixup.py).
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    mixup: float = Field(0.0, ge=0, le=10)
     backbone_lr_scale: float = Field(1.0, ge=0, le=1)  # lr of all but the head = lr * this
     target_sensitivity: float | None = Field(None, gt=0, le=1)  # pick a threshold on val
     seed: int = 0
@@ -287,7 +292,7 @@ class StainCVConfig(CVConfig):
 DEFENSE_TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "early_stopping",
     "balance", "collapse_patience", "augment", "backbone_lr_scale", "stain_norm",
-    "ema",
+    "ema", "label_smoothing", "mixup",
 )  # fmt: skip
 
 

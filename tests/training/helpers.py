@@ -19,11 +19,11 @@ def train_killed_at_step(cfg: TrainConfig, out: Path, monkeypatch, step: int) ->
     real_step = loop.Stepper.step
     calls = {"n": 0}
 
-    def dying_step(self, x, y):
+    def dying_step(self, x, y, *rest):
         calls["n"] += 1
         if calls["n"] == step:
             raise Killed
-        return real_step(self, x, y)
+        return real_step(self, x, y, *rest)
 
     monkeypatch.setattr(loop.Stepper, "step", dying_step)
     with pytest.raises(Killed):

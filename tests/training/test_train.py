@@ -111,9 +111,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, monkeypatch) -> 
     calls = {"n": 0}
     real_step = loop.Stepper.step
 
-    def counted_step(self, x, y):
+    def counted_step(self, x, y, *rest):
         calls["n"] += 1
-        return real_step(self, x, y)
+        return real_step(self, x, y, *rest)
 
     monkeypatch.setattr(loop.Stepper, "step", counted_step)
     train(resolve_config(resume=part), part, resume=True, progress=False)

@@ -15,6 +15,7 @@ from histoshield.data.transforms import Augment
 from histoshield.training import distributed as D
 from histoshield.training.balance import epoch_order
 from histoshield.training.inputs import Data
+from histoshield.training.mixup import mixup
 from histoshield.training.stepper import Stepper, to_float
 
 
@@ -49,7 +50,10 @@ def train_epoch(
         x = to_float(d.x[idx], stepper.device, stepper.channels_last)
         y = d.y[idx].to(stepper.device, non_blocking=True)
         x = augment(x, g_aug)
-        loss, logits = stepper.step(x, y)
+        target = None
+        if cfg.mixup > 0:
+            x, target = mixup(x, y, cfg.mixup, len(d.classes), g_aug)
+        loss, logits = stepper.step(x, y, target)
         n = y.numel()
         sums[0] += loss.double() * n
         sums[1] += (logits.argmax(1) == y).sum()

@@ -248,6 +248,11 @@ def _setup(
             f"the split has {len(train_d)} training and {len(val_d)} validation images; both "
             "must be non-empty (use more data or a larger --val)"
         )
+    if defense is not None and (cfg.mixup or cfg.label_smoothing):
+        raise HistoshieldError(
+            f"mixup and label_smoothing apply to clean training only; set both to 0 for "
+            f"defense {getattr(defense, 'spec', defense)} (in a study: its defense_train section)"
+        )
     weight = class_weights(train_d.y, len(classes)) if cfg.balance == "loss" else None
     if weight is not None and defense is not None:
         if not hasattr(defense, "set_class_weights"):
@@ -267,7 +272,7 @@ def _setup(
     saved = _restore(out / "last.pt", model, opt, sched) if resume else None
     stepper = Stepper(
         model, opt, ctx.device, amp=cfg.amp, defense=defense, ctx=ctx, class_weight=weight,
-        ema=cfg.ema,
+        ema=cfg.ema, label_smoothing=cfg.label_smoothing,
     )
     state = RunState()
     if saved is not None:

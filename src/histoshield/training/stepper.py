@@ -31,8 +31,10 @@ class Stepper:
         ctx: D.DistContext | None = None,
         class_weight: torch.Tensor | None = None,
         ema: float | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.raw = model
+        self.label_smoothing = label_smoothing
         self.averaged = ema_of(model, ema) if ema is not None else None
         self.class_weight = None if class_weight is None else class_weight.to(device)
         self.opt = opt
@@ -67,15 +69,23 @@ class Stepper:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update on float images x; returns (loss, logits) detached."""
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on float images x (soft `target` probabilities, e.g. mixup's, replace y
+        in the clean loss); returns (loss, logits) detached."""
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
             if self.defense is not None:
                 loss, logits = self.defense.loss(self.model, x, y)
             else:
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=self.class_weight)
+                loss = F.cross_entropy(
+                    logits.float(),
+                    y if target is None else target,
+                    weight=self.class_weight,
+                    label_smoothing=self.label_smoothing,
+                )
         self.scaler.scale(loss).backward()
         if self.manual_sync:
             D.sync_gradients(self.raw, self.ctx)
