@@ -76,7 +76,7 @@ def test_load_needs_no_pretrained_weight_files(
     def unavailable():
         raise AssertionError("load_checkpoint read pretrained weights")
 
-    monkeypatch.setattr(W, "lite0_state", unavailable)
+    monkeypatch.setattr(W, "lite_state", unavailable)
     back = models.load_checkpoint(tmp_path / "lite.pt")
     assert back.weights == "imagenet"
     x = torch.rand(2, 3, 32, 32)

