@@ -206,6 +206,7 @@ REGISTRY = MODELS
 WEIGHTS: dict[str, tuple[str, ...]] = {
     **{name: (*b.weights, "<path>") for name, b in MODELS.items()},  # type: ignore[attr-defined]
     "timm:<name>": ("none", "<path>"),
+    "<name>+<name>": ("imagenet", "none", "xrv"),  # one keyword for every member
 }
 
 
@@ -226,8 +227,9 @@ def _allow(name: str, weights: str, keywords: tuple[str, ...], pretrained: bool)
 
 
 def available() -> list[str]:
-    """Model names `create` accepts (`timm:<name>` stands for any timm model)."""
-    return [*MODELS.names(), "timm:<name>"]
+    """Model names `create` accepts (`timm:<name>` stands for any timm model, `<a>+<b>` for
+    members trained side by side, `models.members`)."""
+    return [*MODELS.names(), "timm:<name>", "<name>+<name>"]
 
 
 def builder(name: str) -> Builder:
@@ -236,6 +238,10 @@ def builder(name: str) -> Builder:
         raise HistoshieldError(f"model name must be a string, got {name!r}")
     if name.startswith("timm:") and len(name) > 5:
         return _timm(name[5:])
+    if "+" in name:
+        from histoshield.models.members import members_builder
+
+        return members_builder(name, builder)
     if name not in MODELS:
         raise HistoshieldError(f"unknown model {name!r}: use one of {', '.join(available())}")
     return MODELS[name]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histoshield.models.members import member_logits
 from histoshield.training import distributed as D
 
 
@@ -80,12 +81,17 @@ class Stepper:
                 loss, logits = self.defense.loss(self.model, x, y)
             else:
                 logits = self.model(x)
-                loss = F.cross_entropy(
-                    logits.float(),
-                    y if target is None else target,
-                    weight=self.class_weight,
-                    label_smoothing=self.label_smoothing,
-                )
+                # members trained side by side (models.members): each on its own loss
+                members = member_logits(self.raw) or [logits]
+                loss = torch.stack([
+                    F.cross_entropy(
+                        m.float(),
+                        y if target is None else target,
+                        weight=self.class_weight,
+                        label_smoothing=self.label_smoothing,
+                    )
+                    for m in members
+                ]).mean()  # fmt: skip
         self.scaler.scale(loss).backward()
         if self.manual_sync:
             D.sync_gradients(self.raw, self.ctx)
