@@ -110,10 +110,18 @@ def test_cpu_preset_trains_its_noise_defenses_without_macenko() -> None:
     at, noise = cfg.train_for("pgd-at"), cfg.train_for("gaussian")
     assert at.lr > cfg.train.lr and (at.stain_norm, cfg.train.stain_norm) == ("none", "macenko")
     assert at.image_size == noise.image_size == cfg.train.image_size
-    # only the stain normalisation differs for the Gaussian-noise model
-    assert noise.stain_norm == "none"
-    assert noise.model_copy(update={"stain_norm": "macenko"}) == cfg.train
+    # only the stain normalisation and mixup (clean training only) differ for the noise model
+    assert noise.stain_norm == "none" and noise.mixup == 0 < cfg.train.mixup
+    assert noise.model_copy(update={"stain_norm": "macenko", "mixup": cfg.train.mixup}) == cfg.train
     assert cfg.train_for("trades") == cfg.train
+
+
+def test_a_defense_inheriting_mixup_is_refused_before_any_stage_runs() -> None:
+    cfg = S.load_study_config("cpu")
+    over = {k: v for k, v in cfg.defense_train.items() if k != "pgd-at"}
+    bad = cfg.model_copy(update={"defense_train": over})
+    with pytest.raises(HistoshieldError, match="defense_train.pgd-at: {mixup: 0"):
+        check_study_config(bad)
 
 
 @pytest.mark.slow
