@@ -48,7 +48,7 @@ def test_training_loss_is_the_mean_of_the_members_cross_entropies() -> None:
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     with torch.no_grad():
         z = m.preprocess(x)
-        own = [F.cross_entropy(net(z * m.backbone.scale0 + m.backbone.shift0), y)
+        own = [F.cross_entropy(net(z * m.backbone.scales[0] + m.backbone.shifts[0]), y)
                for net in m.backbone.nets]  # fmt: skip
     loss, logits = Stepper(m, opt, torch.device("cpu")).step(x, y)
     assert loss.item() == pytest.approx(torch.stack(own).mean().item(), rel=1e-5)
@@ -73,3 +73,9 @@ def test_a_trained_member_model_round_trips_through_its_checkpoint(tmp_path: Pat
 def test_bad_member_specs_are_one_line_errors(name: str, weights: str, needle: str) -> None:
     with pytest.raises(HistoshieldError, match=needle):
         models.create(name, weights)
+
+
+def test_a_timm_model_can_be_a_member() -> None:
+    m = models.create("timm:resnet10t+smallcnn", "none", image_size=32).eval()
+    with torch.no_grad():
+        assert m(torch.rand(2, 3, 32, 32)).shape == (2, 2)

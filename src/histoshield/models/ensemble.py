@@ -37,8 +37,13 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """log(mean_k softmax(member_k(x))): logits whose softmax is the averaged probability."""
-        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members])
-        return probs.mean(0).clamp_min(1e-12).log()
+        return mean_probability_logits([m(x) for m in self.members])
+
+
+def mean_probability_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log of the mean softmax of several (N,C) logits: its softmax is the averaged probability."""
+    probs = torch.stack([torch.softmax(lg.float(), dim=1) for lg in logits])
+    return probs.mean(0).clamp_min(1e-12).log()
 
 
 def load_ensemble(paths: Sequence[str | Path], map_location: str = "cpu") -> Ensemble:

@@ -18,6 +18,10 @@ import torch
 from torch import nn
 
 from histoshield.errors import HistoshieldError
+from histoshield.models.ensemble import mean_probability_logits
+
+# weights keywords a member model accepts (one for every member; a file path names one network)
+MEMBER_WEIGHTS = ("imagenet", "none", "xrv")
 
 
 class MemberMean(nn.Module):
@@ -29,20 +33,17 @@ class MemberMean(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.nets = nn.ModuleList(nets)
-        for i, (sc, sh) in enumerate(zip(scales, shifts, strict=True)):
-            self.register_buffer(f"scale{i}", torch.tensor(sc).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer(f"shift{i}", torch.tensor(sh).view(1, 3, 1, 1), persistent=False)
+        # (M,1,3,1,1): member i sees z * scales[i] + shifts[i]
+        self.register_buffer("scales", torch.tensor(scales).view(-1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("shifts", torch.tensor(shifts).view(-1, 1, 3, 1, 1), persistent=False)
         self._last: list[torch.Tensor] | None = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(N,C) log of the mean member probability for stain-normalised [0,1] input z."""
-        logits = [
-            net(z * getattr(self, f"scale{i}") + getattr(self, f"shift{i}"))
-            for i, net in enumerate(self.nets)
-        ]
+        affine = zip(self.nets, self.scales, self.shifts, strict=True)
+        logits = [net(z * sc + sh) for net, sc, sh in affine]
         self._last = logits if self.training else None
-        probs = torch.stack([torch.softmax(lg.float(), dim=1) for lg in logits])
-        return probs.mean(0).clamp_min(1e-12).log()
+        return mean_probability_logits(logits)
 
     def member_logits(self) -> list[torch.Tensor] | None:
         """The members' logits of the last training-mode forward (then forgotten), else None."""
@@ -51,7 +52,7 @@ class MemberMean(nn.Module):
 
 
 def member_names(name: str) -> list[str]:
-    """`a+b+c` -> [a, b, c], refusing empty parts and nesting."""
+    """`a+b+c` -> [a, b, c], refusing empty parts."""
     parts = [p.strip() for p in name.split("+")]
     if len(parts) < 2 or any(not p for p in parts):
         raise HistoshieldError(f"model {name!r}: join two or more model names with '+'")
@@ -66,7 +67,7 @@ def members_builder(name: str, builder: Callable[[str], Callable]) -> Callable:
     def build(weights: str, num_classes: int, pretrained: bool):
         from histoshield.models.registry import Built
 
-        if weights not in ("imagenet", "none", "xrv"):
+        if weights not in MEMBER_WEIGHTS:
             raise HistoshieldError(
                 f"model {name!r} takes a weights keyword for every member (e.g. imagenet or "
                 f"none), not {weights!r}; a trained {name} loads from its checkpoint"

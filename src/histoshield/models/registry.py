@@ -11,6 +11,7 @@ from torch import nn
 
 from histoshield.errors import HistoshieldError
 from histoshield.models import weights as W
+from histoshield.models.members import MEMBER_WEIGHTS, members_builder
 from histoshield.models.stain import METHODS
 from histoshield.models.wrapper import HistoModel, check_image_size
 from histoshield.registry import Registry
@@ -206,7 +207,7 @@ REGISTRY = MODELS
 WEIGHTS: dict[str, tuple[str, ...]] = {
     **{name: (*b.weights, "<path>") for name, b in MODELS.items()},  # type: ignore[attr-defined]
     "timm:<name>": ("none", "<path>"),
-    "<name>+<name>": ("imagenet", "none", "xrv"),  # one keyword for every member
+    "<name>+<name>": MEMBER_WEIGHTS,  # one keyword for every member
 }
 
 
@@ -236,12 +237,10 @@ def builder(name: str) -> Builder:
     """The builder registered for `name` (or a timm one for `timm:<name>`)."""
     if not isinstance(name, str):
         raise HistoshieldError(f"model name must be a string, got {name!r}")
+    if "+" in name:  # before timm:, so a timm model can be a member
+        return members_builder(name, builder)
     if name.startswith("timm:") and len(name) > 5:
         return _timm(name[5:])
-    if "+" in name:
-        from histoshield.models.members import members_builder
-
-        return members_builder(name, builder)
     if name not in MODELS:
         raise HistoshieldError(f"unknown model {name!r}: use one of {', '.join(available())}")
     return MODELS[name]
