@@ -111,6 +111,11 @@ class TrainConfig(Strict):
             raise ValueError(str(e)) from None
 
     @property
+    def clean_only_set(self) -> list[str]:
+        """The clean-training-only options this config turns on (a defense refuses them)."""
+        return [k for k in ("mixup", "label_smoothing") if getattr(self, k)]
+
+    @property
     def leak_allowed(self) -> bool:
         """Patient leakage across splits is accepted: asked for, or an image-level split."""
         return self.allow_patient_leak or self.split_by == "image"

@@ -90,13 +90,13 @@ def check_study_config(cfg: StudyConfig) -> None:
                 f"defenses are {', '.join(names)}"
             )
         cfg.train_for(name)
-    for name in names:  # mixup / label smoothing are clean training only (training.loop)
-        t = cfg.train_for(name)
-        if t.mixup or t.label_smoothing:
+    for name in names:  # the same refusal training.loop makes, before any stage runs
+        if on := cfg.train_for(name).clean_only_set:
+            zeros = ", ".join(f"{k}: 0" for k in on)
             raise HistoshieldError(
-                f"the study's {name} model is a defense and would train with mixup / "
-                f"label_smoothing from `train:`, which only clean training takes: set "
-                f"defense_train.{name}: {{mixup: 0, label_smoothing: 0}}"
+                f"the study's {name} model is a defense and would train with {' and '.join(on)} "
+                f"from `train:`, which only clean training takes: set "
+                f"defense_train.{name}: {{{zeros}}}"
             )
     from histoshield.study.stain_cv import check_stain_cv
 

@@ -248,9 +248,9 @@ def _setup(
             f"the split has {len(train_d)} training and {len(val_d)} validation images; both "
             "must be non-empty (use more data or a larger --val)"
         )
-    if defense is not None and (cfg.mixup or cfg.label_smoothing):
+    if defense is not None and cfg.clean_only_set:
         raise HistoshieldError(
-            f"mixup and label_smoothing apply to clean training only; set both to 0 for "
+            f"{' and '.join(cfg.clean_only_set)} apply to clean training only; set them to 0 for "
             f"defense {getattr(defense, 'spec', defense)} (in a study: its defense_train section)"
         )
     weight = class_weights(train_d.y, len(classes)) if cfg.balance == "loss" else None
