@@ -22,7 +22,8 @@ unchanged, only the checkpoint's inference differs (training with `tta: true` wo
 its epoch on TTA validation scores). `--eval-size N ...` adds, per run and N, the row of the
 same checkpoints fed N px instead of their training size (Touvron et al. 2019, "Fixing the
 train-test resolution discrepancy": a model trained on random crops may score better at a
-larger test size).
+larger test size). `--last` adds, per run, the row of each fold's last epoch (last.pt)
+instead of the epoch chosen on inner validation (best.pt): how much the selection helps.
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ def fold_images(fold_dir: Path, subset: str, size: int):
 
 
 def rescored_rows(
-    run: Path, res: dict, *, tta: bool = False, size: int | None = None
+    run: Path, res: dict, *, tta: bool = False, size: int | None = None, ckpt: str = "best.pt"
 ) -> list[dict]:
-    """Out-of-fold rows of the run's fold checkpoints re-scored with TTA on and/or at `size` px
-    (the tiles decoded at that side, as training decodes them, and the backbone fed it)."""
+    """Out-of-fold rows of the run's fold checkpoints (`ckpt`) re-scored with TTA on and/or at
+    `size` px (the tiles decoded at that side, as training decodes them, and the backbone fed
+    it)."""
     import torch
 
     from histoshield import models
@@ -93,7 +95,7 @@ def rescored_rows(
     rows = []
     for f in res["folds"]:
         fold_dir = run / f"fold_{f['fold']}"
-        model = models.load_checkpoint(fold_dir / "train" / "best.pt")
+        model = models.load_checkpoint(fold_dir / "train" / ckpt)
         model.tta = tta
         if size is not None:
             model.image_size = size
@@ -182,6 +184,7 @@ def main() -> None:
     ap.add_argument("--ensemble", nargs="+", type=Path, default=[])
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--eval-size", nargs="+", type=int, default=[])
+    ap.add_argument("--last", action="store_true")
     args = ap.parse_args()
     head = ["variant", "bal. acc. (fold mean ± sd)", "sensitivity", "specificity",
             "worst fold bal. acc.", "patient acc.", "pooled AUC", "CPU s / fold"]  # fmt: skip
@@ -209,6 +212,10 @@ def main() -> None:
             trows = rescored_rows(run, res, tta=True)
             print("| " + " | ".join(row(f"{name} + TTA (post hoc)", res, trows, None)) + " |")
             notes.append(f"{name} + TTA per-fold bal. acc. at 0.5: " + fold_bal(trows))
+        if args.last:
+            lrows = rescored_rows(run, res, ckpt="last.pt")
+            print("| " + " | ".join(row(f"{name}, last epoch (post hoc)", res, lrows, None)) + " |")
+            notes.append(f"{name}, last epoch, per-fold bal. acc. at 0.5: " + fold_bal(lrows))
         for size in args.eval_size:
             srows = rescored_rows(run, res, size=size)
             label = f"{name} scored at {size} px (post hoc)"

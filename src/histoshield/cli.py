@@ -151,6 +151,7 @@ def train_cmd(
     label_smoothing: float | None = typer.Option(
         None, "--label-smoothing", help="Label smoothing in [0, 0.5)."
     ),
+    sam: float | None = typer.Option(None, "--sam", help="SAM radius rho, e.g. 0.05 (0 = off)."),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="Skip bad files."),
     magnification: list[str] | None = typer.Option(None, "--magnification", "-m", help=_MAG_HELP),
     classes: str | None = typer.Option(None, "--classes", help=_CLASSES_HELP),
@@ -179,6 +180,7 @@ def train_cmd(
         classes=classes, allow_patient_leak=allow_patient_leak, device=device, tta=tta,
         backbone_lr_scale=backbone_lr_scale, target_sensitivity=target_sensitivity,
         balance=balance, ema=ema, mixup=mixup, label_smoothing=label_smoothing,
+        sam=sam,
     )  # fmt: skip
     if folder is None:
         folder = f"runs/{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"

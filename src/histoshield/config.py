@@ -90,6 +90,10 @@ class TrainConfig(Strict):
     # 0 turns each off (training/mixup.py).
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0, le=10)
+    # Also clean training only: sharpness-aware minimisation (Foret et al. 2021), each step
+    # takes the gradient at the worst weights within L2 radius `sam` (2x the training cost;
+    # training/stepper.py); 0 = off.
+    sam: float = Field(0.0, ge=0, le=1)
     backbone_lr_scale: float = Field(1.0, ge=0, le=1)  # lr of all but the head = lr * this
     target_sensitivity: float | None = Field(None, gt=0, le=1)  # pick a threshold on val
     seed: int = 0
@@ -113,7 +117,7 @@ class TrainConfig(Strict):
     @property
     def clean_only_set(self) -> list[str]:
         """The clean-training-only options this config turns on (a defense refuses them)."""
-        return [k for k in ("mixup", "label_smoothing") if getattr(self, k)]
+        return [k for k in ("mixup", "label_smoothing", "sam") if getattr(self, k)]
 
     @property
     def leak_allowed(self) -> bool:
@@ -297,7 +301,7 @@ class StainCVConfig(CVConfig):
 DEFENSE_TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "early_stopping",
     "balance", "collapse_patience", "augment", "backbone_lr_scale", "stain_norm",
-    "ema", "label_smoothing", "mixup",
+    "ema", "label_smoothing", "mixup", "sam",
 )  # fmt: skip
 
 

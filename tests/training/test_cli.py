@@ -96,6 +96,7 @@ def test_train_evaluate_predict(run_dir: Path, capsys) -> None:
         (["train", "--ema", "1.5"], "ema"),
         (["train", "--mixup", "-1"], "mixup"),
         (["train", "--label-smoothing", "0.7"], "label_smoothing"),
+        (["train", "--sam", "-0.05"], "sam"),
         (["train", "--mixup", "0.4", "--defense", "gaussian:sigma=0.1", "--data",
           "synthetic:n=16,size=32"], "clean training only"),
         (["train", "--resume"], "cannot resume"),

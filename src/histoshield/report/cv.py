@@ -220,7 +220,8 @@ def cv_blocks(r: dict[str, Any], run_dir: Path, fig: Path | None) -> list[Block]
                 f"{tc['epochs']} epochs, lr {tc['lr']:g}, stain norm {tc['stain_norm']}, "
                 f"TTA {tc.get('tta', False)}, backbone lr scale {tc.get('backbone_lr_scale', 1)}, "
                 f"weight EMA {tc.get('ema') or 'off'}, mixup {tc.get('mixup') or 'off'}, "
-                f"label smoothing {tc.get('label_smoothing') or 'off'}",
+                f"label smoothing {tc.get('label_smoothing') or 'off'}, "
+                f"SAM rho {tc.get('sam') or 'off'}",
                 f"pooled balanced accuracy {_v(p['balanced_accuracy'])} "
                 f"(95% CI {_ci(p['balanced_accuracy'])}), sensitivity {_v(p['sensitivity'])} "
                 f"(95% CI {_ci(p['sensitivity'])}); {p['fn']} cancers called benign",

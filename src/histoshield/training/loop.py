@@ -272,7 +272,7 @@ def _setup(
     saved = _restore(out / "last.pt", model, opt, sched) if resume else None
     stepper = Stepper(
         model, opt, ctx.device, amp=cfg.amp, defense=defense, ctx=ctx, class_weight=weight,
-        ema=cfg.ema, label_smoothing=cfg.label_smoothing,
+        ema=cfg.ema, label_smoothing=cfg.label_smoothing, sam=cfg.sam,
     )
     state = RunState()
     if saved is not None:
