@@ -388,3 +388,92 @@ def test_pooled_balanced_robust_accuracy_matches_a_hand_count_over_meaningful_fo
     assert p["fold_balanced_adversarial"]["mean"] == pytest.approx(
         ((1 / 4 + 6 / 10) / 2 + (3 / 6 + 5 / 20) / 2) / 2
     )
+
+
+# ---- extra training images (cv.extra_train) -------------------------------------------------
+
+
+def _extra_set(tmp: Path, same_patient: str, labels: tuple[str, ...] = ()) -> Path:
+    """12 synthetic tiles of 4 new patients, but for the first two, which belong to
+    `same_patient` (a patient of the CV data); `labels` overrides the first labels."""
+    from histoshield.data.synthetic import synthesize
+
+    synthesize(tmp / "extra", n=12, size=32, seed=9)
+    man = tmp / "extra" / "manifest.csv"
+    with man.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, r in enumerate(rows):
+        r["patient"] = same_patient if i < 2 else f"EXT{i % 4}"
+        if i < len(labels):
+            r["label"] = labels[i]
+    with man.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return man
+
+
+def test_extra_images_join_every_folds_train_split_and_drop_the_cv_patients(
+    tmp_path: Path, cache_env
+) -> None:
+    from histoshield.data.layouts import load_imageset
+
+    tcfg, cv = CV.resolve_cv_config(_tiny(tmp_path))
+    iset = load_imageset(tcfg.data)
+    man = _extra_set(tmp_path, iset.records[0].patient)
+    cv_more = cv.model_copy(update={"extra_train": str(man)})
+    extra, dropped = CV.extra_records(cv_more, iset, tcfg)
+    assert (len(extra), dropped) == (10, 2)
+    assert not {r.patient for r in extra} & {r.patient for r in iset.records}
+    folds = CV.make_folds(iset.records, 3, seed=tcfg.seed)
+    for k in range(3):
+        plain = CV.fold_split(iset, folds, k, cv, tcfg)
+        more = CV.fold_split(iset, folds, k, cv_more, tcfg, extra)
+        # the CV images keep their split (the same inner validation, the same test fold)
+        want = sorted([(str(r.path), r.split) for r in plain.records]
+                      + [(str(r.path), "train") for r in extra])  # fmt: skip
+        assert sorted((str(r.path), r.split) for r in more.records) == want
+
+
+def test_bad_extra_training_images_are_refused(tmp_path: Path, cache_env) -> None:
+    from histoshield.data.layouts import load_imageset
+
+    tcfg, cv = CV.resolve_cv_config(_tiny(tmp_path))
+    iset = load_imageset(tcfg.data)
+    man = _extra_set(tmp_path, iset.records[0].patient, labels=("normal",))
+    with pytest.raises(HistoshieldError, match="label 'normal'.*not one of the classes"):
+        CV.extra_records(cv.model_copy(update={"extra_train": str(man)}), iset, tcfg)
+    same = tmp_path / "same.csv"  # every extra image belongs to a CV patient
+    same.write_text("path,label,patient\n" + "".join(
+        f"{r.path},{r.label},{r.patient}\n" for r in iset.records[:4]))  # fmt: skip
+    with pytest.raises(HistoshieldError, match="no image is left"):
+        CV.extra_records(cv.model_copy(update={"extra_train": str(same)}), iset, tcfg)
+    anon = tmp_path / "anon.csv"
+    anon.write_text("path,label\n" + "".join(f"{r.path},{r.label}\n" for r in iset.records[:4]))
+    with pytest.raises(HistoshieldError, match="needs a patient id"):
+        CV.extra_records(cv.model_copy(update={"extra_train": str(anon)}), iset, tcfg)
+
+
+def test_cv_extra_train_from_the_cli(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                     cache_env) -> None:  # fmt: skip
+    from histoshield.data.layouts import load_imageset
+
+    cfg = _tiny(tmp_path)
+    man = _extra_set(tmp_path, load_imageset(DATA).records[0].patient)
+    code, _, err = run_cli(capsys, "cv", "--config", str(cfg), "--folds", "2", "--epochs", "1",
+                           "--no-robustness", "--extra-train", str(man), "--out",
+                           str(tmp_path / "run"), "--quiet")  # fmt: skip
+    assert code == 0, err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["extra_train"] == {"data": str(man), "n": 10, "dropped_same_patient": 2}
+    extra = {str(p.resolve()) for p in (tmp_path / "extra").rglob("*.png")}
+    for k in range(2):
+        with open(tmp_path / "run" / f"fold_{k}" / "split.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        split_of = {str((tmp_path / "run" / f"fold_{k}" / r["path"]).resolve()): r["split"]
+                    for r in rows}  # fmt: skip
+        mine = {p: s for p, s in split_of.items() if p in extra}
+        assert len(mine) == 10 and set(mine.values()) == {"train"}
+        info = json.loads((tmp_path / "run" / f"fold_{k}" / "fold.json").read_text())
+        assert info["n_extra_train"] == 10
+        assert info["n_train"] == sum(s == "train" for s in split_of.values())

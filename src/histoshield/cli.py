@@ -604,6 +604,9 @@ def cv_cmd(
     robustness: bool | None = typer.Option(
         None, "--robustness/--no-robustness", help="Attack each fold's held-out images."
     ),
+    extra_train: str | None = typer.Option(
+        None, "--extra-train", help="More training images (folder or manifest) for every fold."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """K-fold cross-validation grouped by patient: pooled metrics with CIs, per-patient table."""
@@ -615,7 +618,7 @@ def cv_cmd(
     tcfg, cv = resolve_cv_config(
         config,
         cv_overrides={"folds": folds, "group_by": None if both else group_by,
-                      "robustness": robustness},
+                      "robustness": robustness, "extra_train": extra_train},
         data=data, seed=seed, epochs=epochs, image_size=image_size,
         target_sensitivity=target_sensitivity,
     )  # fmt: skip

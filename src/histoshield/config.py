@@ -250,6 +250,9 @@ class CVConfig(Strict):
     attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd:steps=7,restarts=1"])
     only: str | None = "malignant"  # attack only this class's held-out images (Table 3)
     batch_size: int = Field(64, ge=1)
+    # more images for every fold's training set (never its validation or test): patients also
+    # in the CV data are dropped, so they cannot leak into a held-out fold
+    extra_train: str | None = None
 
     @field_validator("eps", mode="before")
     @classmethod

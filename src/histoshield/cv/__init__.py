@@ -22,7 +22,14 @@ over folds, the leak comparison).
 
 from histoshield.cv.config import resolve_cv_config
 from histoshield.cv.fold import run_fold
-from histoshield.cv.folds import fold_split, group_keys, make_folds, read_folds, write_folds
+from histoshield.cv.folds import (
+    extra_records,
+    fold_split,
+    group_keys,
+    make_folds,
+    read_folds,
+    write_folds,
+)
 from histoshield.cv.layout import FOLDS_FILE, OOF_FIELDS, STATE, WORST_CASE
 from histoshield.cv.pooling import (
     hanley_mcneil_ci,
@@ -43,6 +50,7 @@ __all__ = [
     "STATE",
     "WORST_CASE",
     "attack_rows",
+    "extra_records",
     "fold_split",
     "group_keys",
     "hanley_mcneil_ci",

@@ -99,8 +99,9 @@ def read_folds(path: str | Path, records: list) -> list[int]:
     return out
 
 
-def fold_split(iset, folds: list[int], k: int, cv: CVConfig, tcfg: TrainConfig):
-    """ImageSet for fold k: fold k is `test`; the other folds' groups split into train/val."""
+def fold_split(iset, folds: list[int], k: int, cv: CVConfig, tcfg: TrainConfig, extra=()):
+    """ImageSet for fold k: fold k is `test`; the other folds' groups split into train/val;
+    the `extra` records (cv.extra_train) join `train`."""
     from histoshield.data.records import ImageSet
     from histoshield.data.splits import make_split
 
@@ -113,4 +114,26 @@ def fold_split(iset, folds: list[int], k: int, cv: CVConfig, tcfg: TrainConfig):
         test=0.0,
         seed=tcfg.seed,
     )
-    return ImageSet(iset.root, iset.layout, inner.records + held, list(inner.problems))
+    more = [r.with_split("train") for r in extra]
+    return ImageSet(iset.root, iset.layout, inner.records + more + held, list(inner.problems))
+
+
+def extra_records(cv: CVConfig, iset, tcfg: TrainConfig) -> tuple[list, int]:
+    """cv.extra_train's records without the patient groups of `iset`, and how many were dropped."""
+    from histoshield.data.breakhis import patient_group
+    from histoshield.data.layouts import load_imageset
+
+    if cv.extra_train is None:
+        return [], 0
+    on_bad = "skip" if tcfg.skip_bad else "raise"
+    extra = load_imageset(cv.extra_train, magnifications=tcfg.magnification or None,
+                          on_bad=on_bad).records  # fmt: skip
+    if any(not r.patient for r in extra):
+        raise HistoshieldError(f"cv.extra_train {cv.extra_train}: every image needs a patient "
+                               "id, so patients of the CV data can be dropped from it")  # fmt: skip
+    taken = {patient_group(r.patient) for r in iset.records if r.patient}
+    kept = [r for r in extra if patient_group(r.patient) not in taken]
+    if not kept:
+        raise HistoshieldError(f"cv.extra_train {cv.extra_train}: every patient is also in the "
+                               "CV data, so no image is left")  # fmt: skip
+    return kept, len(extra) - len(kept)

@@ -8,7 +8,7 @@ from typing import Any
 
 from histoshield.config import CVConfig, TrainConfig, dump_config
 from histoshield.cv.fold import barrier, run_fold
-from histoshield.cv.folds import make_folds, read_folds, write_folds
+from histoshield.cv.folds import extra_records, make_folds, read_folds, write_folds
 from histoshield.cv.layout import FOLDS_FILE, STATE, read_json
 from histoshield.cv.pooling import summarize
 from histoshield.errors import HistoshieldError
@@ -90,6 +90,10 @@ def _run_cv(
         raise HistoshieldError(f"cross-validation needs two classes; {tcfg.data} has {classes}")
     if cv.only is not None and cv.only not in classes:
         raise HistoshieldError(f"cv.only {cv.only!r} is not a class of {tcfg.data} ({classes})")
+    extra, dropped = extra_records(cv, iset, tcfg)
+    if cv.extra_train is not None:
+        echo(f"extra training images: {len(extra)} from {cv.extra_train} ({dropped} dropped: "
+             "their patients are in the CV data)")  # fmt: skip
     state: dict[str, Any] | None = None
     folds: list[int] | None = None
     if not main:
@@ -126,7 +130,7 @@ def _run_cv(
     if main:
         write_text(out / "config.yaml", cfg_text)
         write_json(out / "env.json", env)
-    ctx = {"tcfg": tcfg, "cv": cv, "out": out, "iset": iset, "folds": folds,
+    ctx = {"tcfg": tcfg, "cv": cv, "out": out, "iset": iset, "folds": folds, "extra": extra,
            "classes": classes, "device": device, "progress": progress, "dist": dist}  # fmt: skip
     k_total = max(folds) + 1
     infos: list[dict[str, Any]] = []
@@ -156,6 +160,9 @@ def _run_cv(
         "classes": classes,
         "group_by": cv.group_by,
         "k": k_total,
+        "extra_train": None
+        if cv.extra_train is None
+        else {"data": cv.extra_train, "n": len(extra), "dropped_same_patient": dropped},
         "train_config": tcfg.model_dump(mode="json"),
         "cv_config": cv.model_dump(mode="json"),
         "env": env,
