@@ -20,7 +20,9 @@ def test_cpu_preset_recipe_and_split_override(tmp_path: Path) -> None:
     split = tmp_path / "split.csv"
     tcfg = resolve_config(path, data="some/manifest.csv", split=str(split), epochs=1)
     # the recipe docs/generalization.md ships (5-fold patient CV), with the CLI flags on top
-    assert (tcfg.model, tcfg.weights, tcfg.image_size) == ("efficientnet_lite0", "imagenet", 128)
+    want = ("efficientnet_lite1+efficientnet_lite2", "imagenet", 128)
+    assert (tcfg.model, tcfg.weights, tcfg.image_size) == want
+    assert tcfg.mixup == 0.2
     assert tcfg.stain_norm == "macenko" and tcfg.split_by == "patient"
     assert (tcfg.data, tcfg.split, tcfg.epochs) == ("some/manifest.csv", str(split), 1)
 

@@ -242,7 +242,7 @@ def test_cpu_preset_serves_train_and_cv() -> None:
 
     path = shipped_configs()["cpu"]
     tcfg = resolve_config(path)  # `histoshield train --config <cpu.yaml>`
-    assert tcfg.model == "efficientnet_lite0" and tcfg.split_by == "patient"
+    assert tcfg.model == "efficientnet_lite1+efficientnet_lite2" and tcfg.split_by == "patient"
     t2, cv = CV.resolve_cv_config("cpu", cv_overrides={"folds": 3})
     assert t2 == tcfg and cv.folds == 3 and cv.group_by == "patient"
     raw = yaml.safe_load(path.read_text())
