@@ -36,10 +36,9 @@ def run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
     run = fdir / "train"
     t0, c0 = time.perf_counter(), time.process_time()
     split_csv = fdir / "split.csv"
+    extra = ctx["extra"]  # cv.extra_train's records, joined to every fold's train split
     if not split_csv.is_file() and main:
-        write_split(
-            split_csv, fold_split(ctx["iset"], ctx["folds"], k, cv, tcfg, ctx.get("extra", ()))
-        )
+        write_split(split_csv, fold_split(ctx["iset"], ctx["folds"], k, cv, tcfg, extra))
     barrier(dist)  # every rank trains on the split rank 0 wrote
     fcfg = tcfg.model_copy(update={"split": str(split_csv)})
     if (run / "results.json").is_file() and (run / "best.pt").is_file():
@@ -97,7 +96,7 @@ def run_fold(ctx: dict[str, Any], k: int) -> dict[str, Any]:
         "n_train": res["n"]["train"],
         "n_val": res["n"]["val"],
         "n_test": len(held),
-        "n_extra_train": len(ctx.get("extra", ())),
+        "n_extra_train": len(extra),
         "patients": sorted({r.patient or "" for r in held}),
         "best_epoch": res.get("best_epoch"),
         "epochs_run": res.get("epochs_run"),
